@@ -1,0 +1,5 @@
+"""Simulated payment traffic for the fraud detector, and a watcher of its verdicts.
+
+`python -m publisher simulate|replay|watch --help` for the command line;
+`publisher.simulate.generate(config)` / `records(config)` for the Python API.
+"""

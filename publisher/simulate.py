@@ -1,0 +1,403 @@
+"""Simulated card transactions with fraud, after the Fraud Detection Handbook.
+
+The model is the simulated dataset of *Reproducible Machine Learning for Credit Card Fraud
+Detection - Practical Handbook* (Le Borgne, Siblini, Lebichot, Bontempi), written from its
+description:
+
+- customers live at a uniform point of a 100x100 grid, spend U(5, 100) on average (std = half
+  the mean) and make U(0, 4) transactions a day on average; terminals sit at uniform points;
+  a customer uses the terminals closer than `radius` (5);
+- each day each customer makes Poisson(mean) transactions at a time of day ~ Normal(12:00,
+  20000 s) (dropped outside the day), amount ~ Normal(mean, std) (redrawn U(0, 2 mean) when
+  negative, rounded to cents), at a terminal chosen uniformly among the customer's;
+- fraud: (1) every amount > 220; (2) each day 2 terminals are compromised for 28 days and all
+  their transactions are fraud; (3) each day 3 customers are compromised for 14 days and a
+  third of their transactions in that window get amount x5 and are fraud. A later scenario
+  overrides an earlier one, as in the book.
+
+Two deliberate differences, both so that days can be generated one at a time and streamed:
+
+- scenario 3 marks each transaction of a compromised customer in the window with probability
+  1/3 (the book picks exactly floor(n/3) of them: the same expectation);
+- the compromise rates (2 terminals, 3 customers a day) are for the book's 10,000 terminals
+  and 5,000 customers and scale with the population, so a small run keeps a realistic fraud
+  rate. Fractional rates are spread evenly over the days (0.2 a day: one every fifth day).
+
+Everything is drawn from numpy generators seeded by (seed, purpose, day), so a run is
+deterministic for a seed and the first N transactions do not depend on how many follow.
+
+Python API: `generate(config)` yields one `DayBatch` of numpy arrays per day;
+`records(config)` yields one `SimulatedTransaction` (JSON line + label) per transaction, in
+event-time order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from publisher.errors import ConfigError
+
+SECONDS_PER_DAY = 86_400
+BOOK_CUSTOMERS = 5_000
+BOOK_TERMINALS = 10_000
+TERMINAL_COMPROMISE_DAYS = 28
+CUSTOMER_COMPROMISE_DAYS = 14
+LARGE_AMOUNT = 220.0
+
+# Purposes mixed into the seed so each kind of draw has its own independent stream.
+_POPULATION, _DAY, _COMPROMISE, _SCENARIO3 = 1, 2, 3, 4
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """What to simulate. Defaults are the book's: about 1.75 M transactions, 0.84 % fraud.
+
+    Attributes:
+        seed: the run is a pure function of the config, this included.
+        customers, terminals: population sizes (book: 5,000 and 10,000).
+        days: length of the period; start: its first day (book: 183 days from 2018-04-01).
+        radius: a customer uses the terminals closer than this (grid is 100x100).
+        terminals_compromised_per_day, customers_compromised_per_day: None scales the
+            book's 2 and 3 a day to the population.
+    """
+
+    seed: int = 0
+    customers: int = BOOK_CUSTOMERS
+    terminals: int = BOOK_TERMINALS
+    days: int = 183
+    start: dt.date = dt.date(2018, 4, 1)
+    radius: float = 5.0
+    terminals_compromised_per_day: float | None = None
+    customers_compromised_per_day: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("customers", "terminals", "days"):
+            value = getattr(self, name)
+            if value < 1:
+                problems.append(f"{name}: must be >= 1, got {value}")
+        if not (self.radius > 0 and math.isfinite(self.radius)):
+            problems.append(f"radius: must be a finite number > 0, got {self.radius}")
+        if self.seed < 0:
+            problems.append(f"seed: must be >= 0, got {self.seed}")
+        for name in ("terminals_compromised_per_day", "customers_compromised_per_day"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                problems.append(f"{name}: must be a finite number >= 0, got {value}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def terminal_compromise_rate(self) -> float:
+        """Terminals compromised per day."""
+        if self.terminals_compromised_per_day is not None:
+            return self.terminals_compromised_per_day
+        return 2.0 * self.terminals / BOOK_TERMINALS
+
+    @property
+    def customer_compromise_rate(self) -> float:
+        """Customers compromised per day."""
+        if self.customers_compromised_per_day is not None:
+            return self.customers_compromised_per_day
+        return 3.0 * self.customers / BOOK_CUSTOMERS
+
+    @property
+    def epoch(self) -> int:
+        """Unix time of the first second of the period (UTC)."""
+        start = dt.datetime.combine(self.start, dt.time(), tzinfo=dt.UTC)
+        return int(start.timestamp())
+
+
+@dataclass(frozen=True, eq=False)
+class Population:
+    """Customer and terminal profiles, and which terminals each customer uses.
+
+    The terminals of customer c are `neighbours[offsets[c]:offsets[c + 1]]` (CSR layout).
+    """
+
+    customer_xy: FloatArray
+    mean_amount: FloatArray
+    std_amount: FloatArray
+    mean_per_day: FloatArray
+    terminal_xy: FloatArray
+    offsets: IntArray
+    neighbours: IntArray
+
+    @property
+    def terminal_counts(self) -> IntArray:
+        """How many terminals each customer can use."""
+        return np.diff(self.offsets)
+
+
+def _rng(config: SimulationConfig, purpose: int, day: int = 0) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([config.seed, purpose, day])))
+
+
+def make_population(config: SimulationConfig) -> Population:
+    """Draw customer and terminal profiles and each customer's terminals within the radius."""
+    rng = _rng(config, _POPULATION)
+    customer_xy = rng.uniform(0, 100, size=(config.customers, 2))
+    mean_amount = rng.uniform(5, 100, size=config.customers)
+    mean_per_day = rng.uniform(0, 4, size=config.customers)
+    terminal_xy = rng.uniform(0, 100, size=(config.terminals, 2))
+    radius2 = config.radius**2
+    # Brute force by chunks of customers keeps memory near 40 MB at the book's scale.
+    chunk = max(1, 5_000_000 // config.terminals)
+    counts: list[IntArray] = []
+    found: list[IntArray] = []
+    for first in range(0, config.customers, chunk):
+        block = customer_xy[first : first + chunk]
+        d2 = ((block[:, None, :] - terminal_xy[None, :, :]) ** 2).sum(axis=2)
+        rows, cols = np.nonzero(d2 < radius2)
+        counts.append(np.bincount(rows, minlength=len(block)).astype(np.int64))
+        found.append(cols.astype(np.int64))
+    offsets = np.zeros(config.customers + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(counts), out=offsets[1:])
+    return Population(
+        customer_xy=customer_xy,
+        mean_amount=mean_amount,
+        std_amount=mean_amount / 2,
+        mean_per_day=mean_per_day,
+        terminal_xy=terminal_xy,
+        offsets=offsets,
+        neighbours=np.concatenate(found),
+    )
+
+
+def _spread(rate: float, days: int) -> IntArray:
+    """How many compromises happen each day: `rate` a day on average, spread evenly."""
+    cumulative: IntArray = np.floor(rate * np.arange(days + 1) + 1e-9).astype(np.int64)
+    spread: IntArray = np.diff(cumulative)
+    return spread
+
+
+@dataclass(frozen=True, eq=False)
+class Compromises:
+    """Per day, which terminals and customers start being compromised that day."""
+
+    terminals: list[IntArray]
+    customers: list[IntArray]
+
+    def terminals_active(self, day: int) -> IntArray:
+        first = max(0, day - TERMINAL_COMPROMISE_DAYS + 1)
+        return np.unique(np.concatenate([np.empty(0, np.int64), *self.terminals[first : day + 1]]))
+
+    def customers_active(self, day: int) -> IntArray:
+        first = max(0, day - CUSTOMER_COMPROMISE_DAYS + 1)
+        return np.unique(np.concatenate([np.empty(0, np.int64), *self.customers[first : day + 1]]))
+
+
+def draw_compromises(config: SimulationConfig) -> Compromises:
+    """Draw, for every day, the terminals and customers compromised from that day on."""
+    rng = _rng(config, _COMPROMISE)
+    terminal_counts = _spread(config.terminal_compromise_rate, config.days)
+    customer_counts = _spread(config.customer_compromise_rate, config.days)
+    terminals = [
+        rng.choice(config.terminals, size=min(int(n), config.terminals), replace=False).astype(
+            np.int64
+        )
+        for n in terminal_counts
+    ]
+    customers = [
+        rng.choice(config.customers, size=min(int(n), config.customers), replace=False).astype(
+            np.int64
+        )
+        for n in customer_counts
+    ]
+    return Compromises(terminals, customers)
+
+
+@dataclass(frozen=True, eq=False)
+class DayBatch:
+    """One simulated day: parallel arrays, one row per transaction, in event-time order.
+
+    Attributes:
+        day: day number from the start of the period.
+        first_index: global index of the first row (transaction ids are "t" + index).
+        seconds: event time in seconds since the start of the period.
+        customer, terminal: profile indices; amount: in currency units, rounded to cents.
+        is_fraud: ground truth; scenario: 0 for genuine, else the fraud scenario (1, 2, 3).
+    """
+
+    day: int
+    first_index: int
+    epoch: int
+    seconds: IntArray
+    customer: IntArray
+    terminal: IntArray
+    amount: FloatArray
+    is_fraud: BoolArray
+    scenario: npt.NDArray[np.int8]
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    def transaction_ids(self) -> list[str]:
+        return [transaction_id(self.first_index + i) for i in range(len(self))]
+
+    def timestamps(self) -> list[str]:
+        """RFC 3339 UTC event times, e.g. "2018-04-01T08:14:03Z"."""
+        times = (self.epoch + self.seconds).astype("datetime64[s]")
+        return [text + "Z" for text in np.datetime_as_string(times, unit="s").tolist()]
+
+    def records(self) -> list[SimulatedTransaction]:
+        """The rows as wire-ready records (JSON line plus label)."""
+        ids = self.transaction_ids()
+        rows = zip(
+            ids,
+            self.timestamps(),
+            self.customer.tolist(),
+            self.terminal.tolist(),
+            self.amount.tolist(),
+            (self.epoch + self.seconds).tolist(),
+            self.is_fraud.tolist(),
+            self.scenario.tolist(),
+            strict=True,
+        )
+        return [
+            SimulatedTransaction(
+                transaction_id=tid,
+                event_time=event_time,
+                data=(
+                    f'{{"transaction_id":"{tid}","timestamp":"{ts}",'
+                    f'"customer_id":"{customer_id(c)}","card_id":"{card_id(c)}",'
+                    f'"terminal_id":"{terminal_id(t)}","amount":{a:.2f}}}'
+                ).encode(),
+                is_fraud=fraud,
+                scenario=scenario or None,
+            )
+            for tid, ts, c, t, a, event_time, fraud, scenario in rows
+        ]
+
+
+def transaction_id(index: int) -> str:
+    return f"t{index:09d}"
+
+
+def customer_id(index: int) -> str:
+    return f"cust-{index:05d}"
+
+
+def card_id(index: int) -> str:
+    return f"card-{index:05d}"
+
+
+def terminal_id(index: int) -> str:
+    return f"term-{index:05d}"
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedTransaction:
+    """One transaction as it goes on the wire, and its ground truth, which never does.
+
+    Attributes:
+        transaction_id: "t" + zero-padded global index.
+        event_time: Unix seconds of the transaction's timestamp.
+        data: the transaction as one compact JSON object (UTF-8, no newline).
+        is_fraud, scenario: the label (scenario None for genuine transactions).
+    """
+
+    transaction_id: str
+    event_time: int
+    data: bytes
+    is_fraud: bool
+    scenario: int | None = field(default=None)
+
+    def label_json(self) -> bytes:
+        """The label line: {"transaction_id", "is_fraud", "scenario"}."""
+        scenario = "null" if self.scenario is None else str(self.scenario)
+        fraud = "true" if self.is_fraud else "false"
+        return (
+            f'{{"transaction_id":"{self.transaction_id}","is_fraud":{fraud},"scenario":{scenario}}}'
+        ).encode()
+
+    def feedback_json(self) -> bytes:
+        """The chargeback message for the detector's feedback topic."""
+        fraud = "true" if self.is_fraud else "false"
+        return f'{{"transaction_id":"{self.transaction_id}","is_fraud":{fraud}}}'.encode()
+
+
+def simulate_day(
+    config: SimulationConfig,
+    population: Population,
+    compromises: Compromises,
+    day: int,
+    first_index: int,
+) -> DayBatch:
+    """Generate all transactions of one day, sorted by event time, with their labels."""
+    rng = _rng(config, _DAY, day)
+    per_customer = rng.poisson(population.mean_per_day)
+    customer = np.repeat(np.arange(config.customers, dtype=np.int64), per_customer)
+    n = len(customer)
+    # The book truncates the time of day to whole seconds and keeps 0 < t < 86400.
+    time_of_day = rng.normal(SECONDS_PER_DAY / 2, 20_000, size=n).astype(np.int64)
+    mean = population.mean_amount[customer]
+    amount = rng.normal(mean, population.std_amount[customer])
+    negative = amount < 0
+    amount[negative] = rng.uniform(0, 2 * mean[negative])
+    choice = rng.random(n)
+    counts = population.terminal_counts[customer]
+    keep = (time_of_day > 0) & (time_of_day < SECONDS_PER_DAY) & (counts > 0)
+    customer, time_of_day, amount, choice, counts = (
+        customer[keep],
+        time_of_day[keep],
+        np.round(amount[keep], 2),
+        choice[keep],
+        counts[keep],
+    )
+    pick = np.minimum((choice * counts).astype(np.int64), counts - 1)
+    terminal = population.neighbours[population.offsets[customer] + pick]
+    order = np.lexsort((customer, time_of_day))
+    customer, time_of_day, amount, terminal = (
+        customer[order],
+        time_of_day[order],
+        amount[order],
+        terminal[order],
+    )
+
+    scenario = np.zeros(len(customer), dtype=np.int8)
+    scenario[amount > LARGE_AMOUNT] = 1
+    scenario[np.isin(terminal, compromises.terminals_active(day))] = 2
+    third = _rng(config, _SCENARIO3, day).random(len(customer)) < 1 / 3
+    stolen = np.isin(customer, compromises.customers_active(day)) & third
+    scenario[stolen] = 3
+    amount[stolen] = np.round(amount[stolen] * 5, 2)
+
+    return DayBatch(
+        day=day,
+        first_index=first_index,
+        epoch=config.epoch,
+        seconds=time_of_day + day * SECONDS_PER_DAY,
+        customer=customer,
+        terminal=terminal,
+        amount=amount,
+        is_fraud=scenario > 0,
+        scenario=scenario,
+    )
+
+
+def generate(config: SimulationConfig) -> Iterator[DayBatch]:
+    """Yield the simulation day by day; each day is generated only when asked for."""
+    population = make_population(config)
+    compromises = draw_compromises(config)
+    first_index = 0
+    for day in range(config.days):
+        batch = simulate_day(config, population, compromises, day, first_index)
+        first_index += len(batch)
+        yield batch
+
+
+def records(config: SimulationConfig) -> Iterator[SimulatedTransaction]:
+    """Yield every transaction of the simulation in event-time order."""
+    for batch in generate(config):
+        yield from batch.records()

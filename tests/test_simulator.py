@@ -1,0 +1,187 @@
+"""The transaction simulator: deterministic, book-shaped, with believable fraud."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import itertools
+import re
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from publisher.errors import ConfigError
+from publisher.simulate import (
+    LARGE_AMOUNT,
+    SimulationConfig,
+    draw_compromises,
+    generate,
+    make_population,
+    records,
+)
+
+SMALL = SimulationConfig(seed=7, customers=300, terminals=600, days=20)
+
+
+def test_same_seed_gives_the_same_bytes() -> None:
+    """Two runs with one seed produce identical transactions and labels."""
+    first = [(r.data, r.label_json()) for r in records(SMALL)]
+    second = [(r.data, r.label_json()) for r in records(SMALL)]
+    assert first == second
+    assert len(first) > 1000
+
+
+def test_another_seed_gives_other_transactions() -> None:
+    """Changing the seed changes the data."""
+    other = SimulationConfig(seed=8, customers=300, terminals=600, days=20)
+    first = [r.data for r in itertools.islice(records(SMALL), 200)]
+    second = [r.data for r in itertools.islice(records(other), 200)]
+    assert first != second
+
+
+def test_a_prefix_does_not_depend_on_the_period() -> None:
+    """The first days are the same whether the run lasts 3 or 20 days."""
+    short = SimulationConfig(seed=7, customers=300, terminals=600, days=3)
+    head = [r.data for r in records(short)]
+    assert head == [r.data for r in itertools.islice(records(SMALL), len(head))]
+
+
+def test_transactions_follow_the_detector_contract() -> None:
+    """Each line is a JSON object with the contract's fields, types and formats."""
+    for record in itertools.islice(records(SMALL), 500):
+        tx = orjson.loads(record.data)
+        assert set(tx) == {
+            "transaction_id",
+            "customer_id",
+            "card_id",
+            "terminal_id",
+            "amount",
+            "timestamp",
+        }
+        assert tx["transaction_id"] == record.transaction_id
+        assert all(isinstance(tx[key], str) and tx[key] for key in tx if key != "amount")
+        assert isinstance(tx["amount"], float) and tx["amount"] >= 0
+        assert re.fullmatch(rb'.*"amount":\d+\.\d\d}', record.data)
+        parsed = dt.datetime.fromisoformat(tx["timestamp"])
+        assert tx["timestamp"].endswith("Z") and parsed.utcoffset() == dt.timedelta(0)
+        assert int(parsed.timestamp()) == record.event_time
+        assert tx["card_id"].removeprefix("card-") == tx["customer_id"].removeprefix("cust-")
+        assert "is_fraud" not in tx and "scenario" not in tx
+
+
+def test_stream_is_in_event_time_order_with_sequential_ids() -> None:
+    """Timestamps never go back, ids count up from t000000000, all inside the period."""
+    all_records = list(records(SMALL))
+    times = [r.event_time for r in all_records]
+    assert times == sorted(times)
+    assert [r.transaction_id for r in all_records[:3]] == ["t000000000", "t000000001", "t000000002"]
+    assert all_records[-1].transaction_id == f"t{len(all_records) - 1:09d}"
+    start = SMALL.epoch
+    assert start <= times[0] and times[-1] < start + SMALL.days * 86_400
+
+
+def test_labels_are_json_lines_with_the_scenario() -> None:
+    """Label lines carry transaction_id, is_fraud and scenario (null when genuine)."""
+    labels = [orjson.loads(r.label_json()) for r in records(SMALL)]
+    assert all(set(label) == {"transaction_id", "is_fraud", "scenario"} for label in labels)
+    assert all(label["is_fraud"] == (label["scenario"] is not None) for label in labels)
+    assert {label["scenario"] for label in labels} == {None, 1, 2, 3}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fraud_rate_and_mix_at_small_scale(seed: int) -> None:
+    """At 500 customers over 60 days fraud stays near the book's rate, all scenarios occur."""
+    config = SimulationConfig(seed=seed, customers=500, terminals=1000, days=60)
+    batches = list(generate(config))
+    scenario = np.concatenate([b.scenario for b in batches])
+    total = len(scenario)
+    counts = collections.Counter(scenario.tolist())
+    # Expected: about 1,000 a day (500 customers x 2 a day) and fraud 0.3-1.5 %.
+    assert 45_000 < total < 75_000
+    assert 0.003 < (total - counts[0]) / total < 0.015
+    assert counts[1] > 5 and counts[2] > 20 and counts[3] > 20
+
+
+def test_book_scale_day_has_book_numbers() -> None:
+    """At the book's population a mature day has ~9,600 transactions and ~85 frauds."""
+    config = SimulationConfig(seed=3, days=40)
+    batches = list(generate(config))
+    mature = batches[28:]
+    per_day = np.mean([len(b) for b in mature])
+    frauds = np.mean([int(b.is_fraud.sum()) for b in mature])
+    assert 9_000 < per_day < 10_500
+    assert 55 < frauds < 120
+
+
+def test_scenarios_follow_their_rules() -> None:
+    """Scenario 1 only above 220; scenario 2 only at terminals compromised in the last 28 days."""
+    population = make_population(SMALL)
+    compromises = draw_compromises(SMALL)
+    for batch in generate(SMALL):
+        one = batch.scenario == 1
+        assert (batch.amount[one] > LARGE_AMOUNT).all()
+        genuine = batch.scenario == 0
+        assert (batch.amount[genuine] <= LARGE_AMOUNT).all()
+        two = batch.scenario == 2
+        assert np.isin(batch.terminal[two], compromises.terminals_active(batch.day)).all()
+        three = batch.scenario == 3
+        assert np.isin(batch.customer[three], compromises.customers_active(batch.day)).all()
+        # A customer only uses terminals within the radius of home.
+        home = population.customer_xy[batch.customer]
+        where = population.terminal_xy[batch.terminal]
+        assert (np.hypot(*(home - where).T) < SMALL.radius).all()
+
+
+def test_compromise_rates_scale_with_the_population() -> None:
+    """The book's 2 terminals and 3 customers a day hold at its scale and scale down."""
+    book = SimulationConfig(days=10)
+    assert [len(t) for t in draw_compromises(book).terminals] == [2] * 10
+    assert [len(c) for c in draw_compromises(book).customers] == [3] * 10
+    small = SimulationConfig(customers=500, terminals=1000, days=10)
+    assert sum(len(t) for t in draw_compromises(small).terminals) == 2
+    assert sum(len(c) for c in draw_compromises(small).customers) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"customers": 0}, "customers: must be >= 1, got 0"),
+        ({"terminals": -3}, "terminals: must be >= 1, got -3"),
+        ({"days": 0}, "days: must be >= 1, got 0"),
+        ({"radius": 0.0}, "radius: must be a finite number > 0, got 0.0"),
+        ({"seed": -1}, "seed: must be >= 0, got -1"),
+    ],
+)
+def test_bad_config_is_refused_with_the_field_named(kwargs: dict[str, int], message: str) -> None:
+    """Invalid sizes raise ConfigError (a ValueError) naming field, problem and value."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        SimulationConfig(**kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    customers=st.integers(1, 60),
+    terminals=st.integers(1, 120),
+    days=st.integers(1, 4),
+)
+def test_invariants_hold_for_any_small_config(
+    seed: int, customers: int, terminals: int, days: int
+) -> None:
+    """Any config yields sorted, non-negative, cent-rounded, labelled rows with valid indices."""
+    config = SimulationConfig(seed=seed, customers=customers, terminals=terminals, days=days)
+    index = 0
+    for batch in generate(config):
+        assert batch.first_index == index
+        index += len(batch)
+        assert (np.diff(batch.seconds) >= 0).all()
+        assert ((batch.seconds // 86_400) == batch.day).all()
+        assert (batch.amount >= 0).all()
+        assert np.allclose(batch.amount * 100, np.round(batch.amount * 100))
+        assert ((batch.customer >= 0) & (batch.customer < customers)).all()
+        assert ((batch.terminal >= 0) & (batch.terminal < terminals)).all()
+        assert (batch.is_fraud == (batch.scenario > 0)).all()
