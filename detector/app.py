@@ -1,0 +1,35 @@
+"""Assembles a `Service` from settings: rules, state store, model and sink."""
+
+from __future__ import annotations
+
+from detector.engine import ENTITY_VARIABLES, Detector, variable_schema
+from detector.rules import Ruleset, default_ruleset_path, load_ruleset
+from detector.service import Service
+from detector.settings import Settings
+from detector.sinks import PubSubSink, Sink
+from detector.state import StateConfig, StateStore, feature_names, open_store
+
+
+def load_rules(settings: Settings, config: StateConfig) -> Ruleset:
+    """Load and validate the configured ruleset against the variables the detector provides.
+
+    Raises:
+        RulesError: the file is missing or invalid; the function must not start.
+    """
+    entities = {entity: feature_names(config.windows, entity) for entity in ENTITY_VARIABLES}
+    return load_ruleset(settings.rules_file or default_ruleset_path(), variable_schema(entities))
+
+
+def build_detector(settings: Settings, store: StateStore | None = None) -> Detector:
+    """The detection core as configured: rules, state (memory or Redis) and model."""
+    config = StateConfig()
+    rules = load_rules(settings, config)
+    if store is None:
+        store = open_store(config, settings.redis_url)
+    return Detector(rules, store)
+
+
+def build_service(settings: Settings, sink: Sink | None = None) -> Service:
+    """Everything a function needs; gRPC and Redis connections open on first use."""
+    detector = build_detector(settings)
+    return Service(settings, detector, sink or PubSubSink(settings.publish_timeout))

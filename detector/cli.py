@@ -1,0 +1,71 @@
+"""`python -m detector`: offline tools around the detection core.
+
+    schemas   write (or --check) the schema files in schemas/
+
+Each command lives in its own module and registers itself in COMMANDS; user mistakes end
+as one line `error: ...` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from detector.errors import DetectorError
+
+
+def _schemas(args: argparse.Namespace) -> int:
+    from detector import schemas
+
+    if args.check:
+        stale = schemas.stale()
+        if stale:
+            print(f"error: out of date, run python -m detector schemas: {', '.join(stale)}")
+            return 1
+        print("schemas are up to date")
+        return 0
+    for path in schemas.write():
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_schemas(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("schemas", help="write the schema files in schemas/")
+    parser.add_argument("--check", action="store_true", help="only check they are up to date")
+    parser.set_defaults(run=_schemas)
+
+
+#: Functions that add one subcommand each; the subcommand sets `run` on its namespace.
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_schemas,
+]
+
+
+def _register_optional() -> None:
+    # Commands whose modules may pull heavier dependencies register themselves here.
+    for module in ("detector.replay", "detector.train"):
+        try:
+            imported = __import__(module, fromlist=["add_command"])
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+            continue
+        COMMANDS.append(imported.add_command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    _register_optional()
+    parser = argparse.ArgumentParser(prog="python -m detector", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(commands)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (DetectorError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,241 @@
+"""The functions' behaviour, independent of how requests arrive.
+
+`Service` turns a Pub/Sub push envelope or an HTTP body into a verdict, a dead letter or a
+recorded label. `detector/main.py` only adapts CloudEvents and Flask requests to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from detector.engine import Detector, Verdict
+from detector.errors import InvalidMessage, InvalidTransaction, MessageError
+from detector.settings import Settings
+from detector.sinks import Sink
+from detector.transaction import decode, rfc3339
+
+log = logging.getLogger(__name__)
+
+#: Pub/Sub limits an attribute value to 1024 bytes.
+_ATTRIBUTE_LIMIT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A Pub/Sub message as delivered in a push envelope or CloudEvent."""
+
+    data: bytes
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    message_id: str | None = None
+    publish_time: datetime | None = None
+
+
+def parse_envelope(envelope: Any) -> Message:
+    """Read the Pub/Sub message out of a CloudEvent's data (or a raw push body).
+
+    Both spellings are read: camelCase (push) and snake_case (Eventarc adds it).
+
+    Raises:
+        InvalidMessage: the envelope holds no message, or its data is not base64.
+    """
+    message = envelope.get("message") if isinstance(envelope, Mapping) else None
+    if not isinstance(message, Mapping):
+        raise InvalidMessage("message: the event carries no Pub/Sub message")
+    encoded = message.get("data") or ""
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise InvalidMessage("message.data: not valid base64") from None
+    attributes = message.get("attributes") or {}
+    message_id = message.get("messageId") or message.get("message_id")
+    published = message.get("publishTime") or message.get("publish_time")
+    publish_time = None
+    if isinstance(published, str):
+        try:
+            publish_time = datetime.fromisoformat(published)
+        except ValueError:
+            publish_time = None
+    return Message(
+        data=data,
+        attributes={str(k): str(v) for k, v in attributes.items()},
+        message_id=str(message_id) if message_id else None,
+        publish_time=publish_time,
+    )
+
+
+class Label(BaseModel):
+    """A fraud label (chargeback, analyst decision) for a transaction seen earlier."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    transaction_id: str = Field(min_length=1, strict=True)
+    is_fraud: bool = Field(strict=True)
+
+
+class InvalidLabel(MessageError):
+    """A feedback message that is not a valid label."""
+
+    error_type = "invalid_label"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _clip(text: str) -> str:
+    encoded = text.encode()
+    if len(encoded) <= _ATTRIBUTE_LIMIT:
+        return text
+    return encoded[: _ATTRIBUTE_LIMIT - 3].decode(errors="ignore") + "..."
+
+
+def error_body(error: MessageError) -> dict[str, Any]:
+    """The JSON an HTTP caller gets for a message that can never succeed."""
+    body: dict[str, Any] = {"type": error.error_type, "message": str(error)}
+    if isinstance(error, InvalidTransaction):
+        body["fields"] = [{"field": name, "problem": problem} for name, problem in error.problems]
+    return {"error": body}
+
+
+class Service:
+    """Runs the detector on delivered messages and publishes what comes out."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        detector: Detector,
+        sink: Sink,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.settings = settings
+        self.detector = detector
+        self.sink = sink
+        self.clock = clock
+        self._results = settings.topic_path(settings.results_topic)
+        self._dead_letters = settings.topic_path(settings.dead_letter_topic)
+
+    def on_transaction(self, envelope: Any) -> Verdict | None:
+        """Decide on one delivered transaction and publish the verdict.
+
+        Returns the verdict, or None when the message was dead-lettered.
+
+        Raises:
+            TransientError: publishing failed; the message must be redelivered.
+            StateError: the state store failed; the message must be redelivered.
+        """
+        try:
+            message = parse_envelope(envelope)
+            avro_json = message.attributes.get("googclient_schemaencoding") == "JSON"
+            raw, transaction = decode(message.data, avro_json=avro_json)
+        except InvalidMessage as error:
+            fallback = Message(data=orjson.dumps(envelope, default=str))
+            self.dead_letter(fallback, error)
+            return None
+        except MessageError as error:
+            self.dead_letter(message, error)
+            return None
+        now = self.clock()
+        verdict = self.detector.decide(
+            raw,
+            transaction,
+            message_id=message.message_id,
+            default_time=message.publish_time or now,
+            decided_at=now,
+        )
+        attributes = verdict.attributes()
+        if message.publish_time is not None:
+            attributes["source_publish_time"] = rfc3339(message.publish_time)
+        self.sink.publish(self._results, verdict.encode(), attributes)
+        self._log_verdict(verdict)
+        return verdict
+
+    def on_request(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """Decide on a transaction posted over HTTP; returns (status, JSON body)."""
+        try:
+            raw, transaction = decode(body)
+        except MessageError as error:
+            log.info("rejected HTTP transaction: %s", error, extra={"fields": {"error_type": error.error_type}})
+            return 400, error_body(error)
+        now = self.clock()
+        verdict = self.detector.decide(
+            raw, transaction, message_id=None, default_time=now, decided_at=now
+        )
+        self._log_verdict(verdict)
+        return 200, dict(verdict.body)
+
+    def on_label(self, envelope: Any) -> str | None:
+        """Record one fraud label from the feedback topic; returns what the store did.
+
+        Invalid labels are dead-lettered and None is returned.
+        """
+        try:
+            message = parse_envelope(envelope)
+        except InvalidMessage as error:
+            self.dead_letter(Message(data=orjson.dumps(envelope, default=str)), error)
+            return None
+        try:
+            label = Label.model_validate_json(message.data)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, item['loc'])) or 'data'}: {item['msg']}" for item in error.errors()
+            )
+            self.dead_letter(message, InvalidLabel(problems))
+            return None
+        if self.detector.store is None:
+            log.warning("label for %s ignored: no state store", label.transaction_id)
+            return "ignored"
+        outcome = str(self.detector.store.record_label(label.transaction_id, label.is_fraud))
+        log.info(
+            "label %s for %s: %s",
+            "fraud" if label.is_fraud else "genuine",
+            label.transaction_id,
+            outcome,
+            extra={"fields": {"transaction_id": label.transaction_id, "outcome": outcome}},
+        )
+        return outcome
+
+    def dead_letter(self, message: Message, error: MessageError) -> None:
+        """Publish a message that can never succeed, unchanged, with why it failed."""
+        attributes = dict(message.attributes)
+        attributes.update(
+            error_type=error.error_type,
+            error=_clip(str(error)),
+            message_id=message.message_id or "",
+        )
+        self.sink.publish(self._dead_letters, message.data, attributes)
+        log.warning(
+            "dead-lettered message %s: %s",
+            message.message_id,
+            error,
+            extra={"fields": {"error_type": error.error_type, "message_id": message.message_id}},
+        )
+
+    @staticmethod
+    def _log_verdict(verdict: Verdict) -> None:
+        # Allowed transactions are the bulk of traffic: logging each would cost more than
+        # deciding it, so they are logged at DEBUG only.
+        level = logging.DEBUG if verdict.decision == "allow" else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s transaction %s",
+                verdict.decision,
+                verdict.transaction_id,
+                extra={
+                    "fields": {
+                        "transaction_id": verdict.transaction_id,
+                        "decision": verdict.decision,
+                        "score": verdict.score,
+                        "rules": [reason["rule"] for reason in verdict.body["reasons"]],
+                    }
+                },
+            )

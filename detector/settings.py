@@ -1,0 +1,70 @@
+"""Settings of the functions, read once from the environment at the edge."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from detector.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the functions read from their environment.
+
+    Attributes:
+        project: Google Cloud project of the topics (GOOGLE_CLOUD_PROJECT, else GCP_PROJECT).
+        results_topic: topic verdicts are published to (RESULTS_TOPIC).
+        dead_letter_topic: topic invalid messages are published to (DEAD_LETTER_TOPIC).
+        rules_file: ruleset to load (RULES_FILE); None means the bundled default.
+        model_path: risk model artifact (MODEL_PATH); None means the bundled default,
+            "none" disables the model.
+        redis_url: state store (REDIS_URL); None keeps state in process memory.
+        publish_timeout: seconds to wait for a publish before failing the message
+            (PUBLISH_TIMEOUT), kept below the function's own timeout (60 s by default).
+    """
+
+    project: str
+    results_topic: str = "fraud-verdicts"
+    dead_letter_topic: str = "transactions-dead-letter"
+    rules_file: Path | None = None
+    model_path: str | None = None
+    redis_url: str | None = None
+    publish_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from environ (default os.environ).
+
+        Raises:
+            ConfigError: a variable is set to an unusable value.
+        """
+        env = os.environ if environ is None else environ
+        project = env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCP_PROJECT") or ""
+        timeout_text = env.get("PUBLISH_TIMEOUT", "30")
+        try:
+            timeout = float(timeout_text)
+        except ValueError:
+            raise ConfigError(f"PUBLISH_TIMEOUT: must be a number of seconds, got {timeout_text!r}") from None
+        if not 0 < timeout <= 540:
+            raise ConfigError(f"PUBLISH_TIMEOUT: must be in (0, 540] seconds, got {timeout_text!r}")
+        rules = env.get("RULES_FILE")
+        return cls(
+            project=project,
+            results_topic=env.get("RESULTS_TOPIC") or cls.results_topic,
+            dead_letter_topic=env.get("DEAD_LETTER_TOPIC") or cls.dead_letter_topic,
+            rules_file=Path(rules) if rules else None,
+            model_path=env.get("MODEL_PATH") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            publish_timeout=timeout,
+        )
+
+    def topic_path(self, topic: str) -> str:
+        """Full resource name of a topic given by short name (or already full)."""
+        if topic.startswith("projects/"):
+            return topic
+        if not self.project:
+            raise ConfigError("GOOGLE_CLOUD_PROJECT: must be set to publish to Pub/Sub")
+        return f"projects/{self.project}/topics/{topic}"

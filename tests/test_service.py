@@ -1,0 +1,153 @@
+"""The functions' behaviour in process: verdicts, dead letters, HTTP errors, labels."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import jsonschema
+import orjson
+import pytest
+
+from detector import schemas
+from detector.app import build_service
+from detector.service import Service
+from detector.settings import Settings
+from detector.sinks import MemorySink
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+PUBLISHED = "2026-11-29T11:59:59.5Z"
+RESULTS = "projects/fraud-test/topics/fraud-verdicts"
+DEAD = "projects/fraud-test/topics/transactions-dead-letter"
+
+
+def envelope(data: bytes, message_id: str = "m-1", attributes: dict[str, str] | None = None) -> dict[str, object]:
+    return {
+        "message": {
+            "data": base64.b64encode(data).decode(),
+            "attributes": attributes or {},
+            "messageId": message_id,
+            "publishTime": PUBLISHED,
+        },
+        "subscription": "projects/fraud-test/subscriptions/s",
+    }
+
+
+@pytest.fixture()
+def sink() -> MemorySink:
+    return MemorySink()
+
+
+@pytest.fixture()
+def service(sink: MemorySink) -> Service:
+    service = build_service(Settings(project="fraud-test", model_path="none"), sink)
+    service.clock = lambda: NOW
+    return service
+
+
+@pytest.mark.parametrize(("amount", "is_fraud"), [(1200, True), (1000.01, True), (1000, False), (50, False)])
+def test_original_rule_blocks_amounts_over_1000(service: Service, sink: MemorySink, amount: float, is_fraud: bool) -> None:
+    """The blog example's rule: amount > 1000 is fraud, 1000 itself is not."""
+    data = orjson.dumps({"amount": amount, "merchant": "XYZ Corp", "customer_id": "12345"})
+    service.on_transaction(envelope(data))
+    [(topic, body, attributes)] = sink.messages
+    verdict = orjson.loads(body)
+    assert topic == RESULTS
+    assert verdict["is_fraud"] is is_fraud
+    assert verdict["decision"] == ("block" if is_fraud else "allow")
+    assert attributes["is_fraud"] == ("true" if is_fraud else "false")
+
+
+def test_verdict_echoes_the_transaction_and_follows_the_schema(service: Service, sink: MemorySink) -> None:
+    """The verdict is the transaction as received plus every verdict field, per verdict.schema.json."""
+    sent = {"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345", "loyalty": {"tier": "gold"}}
+    service.on_transaction(envelope(orjson.dumps(sent), message_id="42"))
+    [(_, body, attributes)] = sink.messages
+    verdict = orjson.loads(body)
+    jsonschema.validate(verdict, schemas.verdict_json_schema())
+    assert {k: verdict[k] for k in sent} == sent
+    assert isinstance(verdict["amount"], int)
+    assert verdict["transaction_id"] == "42"
+    assert verdict["message_id"] == "42"
+    assert verdict["decided_at"] == "2026-11-29T12:00:00Z"
+    assert verdict["rules_version"]
+    assert verdict["reasons"][0]["rule"] == "large-amount"
+    assert verdict["reasons"][0]["action"] == "block"
+    assert "1200" in verdict["reasons"][0]["description"]
+    assert attributes == {
+        "transaction_id": "42",
+        "decision": "block",
+        "is_fraud": "true",
+        "rules_version": verdict["rules_version"],
+        "source_publish_time": "2026-11-29T11:59:59.500000Z",
+    }
+
+
+def test_transaction_id_is_kept_when_given(service: Service, sink: MemorySink) -> None:
+    """A transaction's own ID wins over the message ID."""
+    service.on_transaction(envelope(b'{"amount": 5, "customer_id": "c", "transaction_id": "tx-9"}'))
+    verdict = orjson.loads(sink.messages[0][1])
+    assert verdict["transaction_id"] == "tx-9"
+    assert verdict["message_id"] == "m-1"
+
+
+@pytest.mark.parametrize(
+    ("data", "error_type", "error"),
+    [
+        (b"{not json", "invalid_json", "data: not valid UTF-8 JSON"),
+        (b'"a string"', "invalid_json", "data: must be a JSON object, got str"),
+        (b'{"amount": -5, "customer_id": "c"}', "invalid_transaction", "amount: must be >= 0, got -5"),
+        (b'{"amount": 5}', "invalid_transaction", "customer_id: is required"),
+        (b'{"amount": 5, "customer_id": "c", "score": 0}', "invalid_transaction", "score: is a verdict field"),
+    ],
+)
+def test_bad_messages_are_dead_lettered_unchanged(
+    service: Service, sink: MemorySink, data: bytes, error_type: str, error: str
+) -> None:
+    """Bad input goes to the dead-letter topic with its data and attributes, and why."""
+    assert service.on_transaction(envelope(data, attributes={"origin": "pos-7"})) is None
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert body == data
+    assert attributes["origin"] == "pos-7"
+    assert attributes["error_type"] == error_type
+    assert attributes["error"].startswith(error)
+    assert attributes["message_id"] == "m-1"
+
+
+def test_an_event_without_a_message_is_dead_lettered(service: Service, sink: MemorySink) -> None:
+    """Even an envelope with no Pub/Sub message is kept, not dropped."""
+    service.on_transaction({"unexpected": True})
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert orjson.loads(body) == {"unexpected": True}
+    assert attributes["error_type"] == "invalid_message"
+
+
+def test_http_returns_the_same_decision(service: Service) -> None:
+    """The HTTP path decides exactly like the Pub/Sub path and generates a transaction ID."""
+    status, body = service.on_request(b'{"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}')
+    assert status == 200
+    assert body["is_fraud"] is True
+    assert body["message_id"] is None
+    assert len(body["transaction_id"]) == 32
+
+
+def test_http_rejects_invalid_transactions_with_the_field(service: Service) -> None:
+    """HTTP callers get 400 and a JSON error naming each field."""
+    status, body = service.on_request(b'{"amount": "abc"}')
+    assert status == 400
+    assert body["error"]["type"] == "invalid_transaction"
+    assert body["error"]["fields"] == [
+        {"field": "amount", "problem": "must be a number or a decimal string, got 'abc'"},
+        {"field": "customer_id", "problem": "is required"},
+    ]
+
+
+def test_invalid_labels_are_dead_lettered(service: Service, sink: MemorySink) -> None:
+    """A feedback message that is not a label goes to the dead-letter topic."""
+    assert service.on_label(envelope(b'{"transaction_id": "t1", "is_fraud": "yes"}')) is None
+    [(topic, _, attributes)] = sink.messages
+    assert topic == DEAD
+    assert attributes["error_type"] == "invalid_label"
+    assert "is_fraud" in attributes["error"]

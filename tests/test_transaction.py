@@ -1,0 +1,124 @@
+"""Decoding and validation of transaction messages."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detector.errors import InvalidJSON, InvalidTransaction
+from detector.transaction import VERDICT_FIELDS, decode, unwrap_avro_json
+
+BLOG = {"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}
+
+
+def test_blog_example_is_accepted_as_is() -> None:
+    """The original example decodes, and the object as received is kept unchanged."""
+    raw, transaction = decode(orjson.dumps(BLOG))
+    assert raw == BLOG
+    assert transaction.amount == 1200.0
+    assert transaction.customer_id == "12345"
+    assert transaction.merchant == "XYZ Corp"
+    assert transaction.currency == "USD"
+    assert transaction.timestamp is None
+
+
+@pytest.mark.parametrize(
+    ("amount", "expected"),
+    [(0, 0.0), (12.5, 12.5), ("12.50", 12.5), ("1000", 1000.0), (10**9, 1e9)],
+)
+def test_amount_accepts_numbers_and_decimal_strings(amount: object, expected: float) -> None:
+    """Amounts may be JSON numbers or decimal strings."""
+    _, transaction = decode(orjson.dumps({"amount": amount, "customer_id": "c"}))
+    assert transaction.amount == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"amount": -5, "customer_id": "c"}, "amount: must be >= 0, got -5"),
+        ({"amount": "1e5", "customer_id": "c"}, "amount: must be a number or a decimal string, got '1e5'"),
+        ({"amount": "NaN", "customer_id": "c"}, "amount: must be a number or a decimal string, got 'NaN'"),
+        ({"amount": True, "customer_id": "c"}, "amount: must be a number or a decimal string, got True"),
+        ({"amount": None, "customer_id": "c"}, "amount: must be a number or a decimal string, got NoneType"),
+        ({"customer_id": "c"}, "amount: is required"),
+        ({"amount": 1}, "customer_id: is required"),
+        ({"amount": 1, "customer_id": ""}, "customer_id: must not be empty, got ''"),
+        ({"amount": 1, "customer_id": 12345}, "customer_id: must be a string, got 12345"),
+        ({"amount": 1, "customer_id": "c", "currency": "usd"}, "currency: must be an ISO 4217 code of 3 capital letters, got 'usd'"),
+        ({"amount": 1, "customer_id": "c", "timestamp": "yesterday"}, "timestamp: must be an RFC 3339 date-time, got 'yesterday'"),
+        ({"amount": 1, "customer_id": "c", "timestamp": "2024-01-01T10:00:00"}, "timestamp: must include a UTC offset (RFC 3339), got '2024-01-01T10:00:00'"),
+        ({"amount": 1, "customer_id": "c", "timestamp": 1700000000}, "timestamp: must be an RFC 3339 string, got int"),
+        ({"amount": 1, "customer_id": "c", "merchant": 7}, "merchant: must be a string, got 7"),
+        ({"amount": 1, "customer_id": "c", "is_fraud": False}, "is_fraud: is a verdict field and cannot be set by a transaction"),
+    ],
+)
+def test_invalid_transactions_name_the_field_and_problem(payload: dict[str, object], message: str) -> None:
+    """Each invalid field is reported with its name, its problem and the value."""
+    with pytest.raises(InvalidTransaction) as caught:
+        decode(orjson.dumps(payload))
+    assert str(caught.value) == message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Validation collects every invalid field of a message, not just the first."""
+    with pytest.raises(InvalidTransaction) as caught:
+        decode(orjson.dumps({"amount": -1, "customer_id": "", "decision": "allow"}))
+    fields = [field for field, _ in caught.value.problems]
+    assert fields == ["decision", "amount", "customer_id"]
+
+
+@pytest.mark.parametrize("name", sorted(VERDICT_FIELDS))
+def test_each_verdict_field_is_reserved(name: str) -> None:
+    """A transaction cannot smuggle in any verdict-only field."""
+    with pytest.raises(InvalidTransaction, match=f"^{name}: is a verdict field"):
+        decode(orjson.dumps({"amount": 1, "customer_id": "c", name: None}))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"not json", "data: not valid UTF-8 JSON"),
+        (b"\xff\xfe", "data: not valid UTF-8 JSON"),
+        (b"", "data: not valid UTF-8 JSON"),
+        (b"[1, 2]", "data: must be a JSON object, got list"),
+        (b"42", "data: must be a JSON object, got int"),
+    ],
+)
+def test_data_that_is_not_a_json_object_is_invalid_json(data: bytes, message: str) -> None:
+    """Bytes that are not one UTF-8 JSON object fail as invalid_json."""
+    with pytest.raises(InvalidJSON, match=f"^{message}"):
+        decode(data)
+
+
+def test_unknown_fields_pass_through() -> None:
+    """Fields the detector does not know are kept in the object as received."""
+    raw, _ = decode(b'{"amount": 1, "customer_id": "c", "loyalty": {"tier": "gold"}}')
+    assert raw["loyalty"] == {"tier": "gold"}
+
+
+def test_avro_json_unions_are_unwrapped() -> None:
+    """A record in Avro's JSON encoding reads like the plain one."""
+    wrapped = {"amount": 1200.0, "customer_id": "12345", "merchant": {"string": "XYZ Corp"}, "card_id": None}
+    assert unwrap_avro_json(wrapped) == {"amount": 1200.0, "customer_id": "12345", "merchant": "XYZ Corp", "card_id": None}
+    _, transaction = decode(orjson.dumps(wrapped), avro_json=True)
+    assert transaction.merchant == "XYZ Corp"
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(min_value=-(10**12), max_value=10**12))
+def test_amount_is_accepted_exactly_when_finite_and_not_negative(amount: float) -> None:
+    """Any number is accepted if and only if it is finite and >= 0."""
+    data = orjson.dumps({"amount": amount, "customer_id": "c"}) if math.isfinite(amount) else (
+        b'{"amount": ' + str(amount).encode() + b', "customer_id": "c"}'
+    )
+    valid = math.isfinite(amount) and amount >= 0
+    try:
+        _, transaction = decode(data)
+    except (InvalidTransaction, InvalidJSON):
+        assert not valid
+    else:
+        assert valid
+        assert transaction.amount == float(amount)
