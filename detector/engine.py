@@ -120,29 +120,16 @@ class Detector:
         # Only what some rule or the model reads is computed per transaction.
         self._needed = frozenset(name.split(".", 1)[1] for name in needed if "." in name)
 
-    def decide(
-        self,
-        raw: Mapping[str, Any],
-        transaction: Transaction,
-        *,
-        message_id: str | None,
-        default_time: datetime,
-        decided_at: datetime,
-    ) -> Verdict:
-        """Decide on one transaction.
+    def activation(
+        self, transaction: Transaction, transaction_id: str, moment: datetime
+    ) -> dict[str, Any]:
+        """What rules and model see of one transaction: its fields and its entities' history.
 
-        Args:
-            raw: the transaction object as received; echoed in the verdict.
-            transaction: its validation.
-            message_id: the Pub/Sub message ID, or None over HTTP.
-            default_time: event time when the transaction carries no timestamp.
-            decided_at: the time the verdict is stamped with.
+        Records the transaction in the state store (once per transaction_id).
 
         Raises:
             StateError: the state store failed (worth retrying).
         """
-        transaction_id = transaction.transaction_id or message_id or uuid.uuid4().hex
-        moment = transaction.timestamp or default_time
         activation: dict[str, Any] = {
             "amount": transaction.amount,
             "customer_id": transaction.customer_id,
@@ -174,6 +161,33 @@ class Detector:
             )
             for entity, variable in ENTITY_VARIABLES.items():
                 activation[variable] = features.get(entity, {})
+        return activation
+
+    def decide(
+        self,
+        raw: Mapping[str, Any],
+        transaction: Transaction,
+        *,
+        message_id: str | None,
+        default_time: datetime,
+        decided_at: datetime,
+    ) -> Verdict:
+        """Decide on one transaction.
+
+        Args:
+            raw: the transaction object as received; echoed in the verdict.
+            transaction: its validation.
+            message_id: the Pub/Sub message ID, or None over HTTP.
+            default_time: event time when the transaction carries no timestamp.
+            decided_at: the time the verdict is stamped with.
+
+        Raises:
+            StateError: the state store failed (worth retrying).
+        """
+        transaction_id = transaction.transaction_id or message_id or uuid.uuid4().hex
+        activation = self.activation(
+            transaction, transaction_id, transaction.timestamp or default_time
+        )
         factors: Sequence[Contribution] = ()
         if self.model is not None:
             activation["score"], factors = self.model.score(activation)

@@ -87,8 +87,14 @@ def verdict_json_schema() -> dict[str, Any]:
         "type": "object",
         "required": [
             *transaction["required"],
-            "transaction_id", "is_fraud", "decision", "score", "reasons",
-            "rules_version", "message_id", "decided_at",
+            "transaction_id",
+            "is_fraud",
+            "decision",
+            "score",
+            "reasons",
+            "rules_version",
+            "message_id",
+            "decided_at",
         ],
         "properties": {**transaction["properties"], **_VERDICT_FIELDS},
         "additionalProperties": True,
@@ -112,7 +118,7 @@ def transaction_avro_schema() -> dict[str, Any]:
         "type": "record",
         "name": "Transaction",
         "namespace": "fraud.detector",
-        "doc": "A payment transaction (Avro JSON encoding: optional values as {\"string\": v}).",
+        "doc": 'A payment transaction (Avro JSON encoding: optional values as {"string": v}).',
         "fields": fields,
     }
 

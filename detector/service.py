@@ -120,8 +120,6 @@ class Service:
         self.detector = detector
         self.sink = sink
         self.clock = clock
-        self._results = settings.topic_path(settings.results_topic)
-        self._dead_letters = settings.topic_path(settings.dead_letter_topic)
 
     def on_transaction(self, envelope: Any) -> Verdict | None:
         """Decide on one delivered transaction and publish the verdict.
@@ -154,7 +152,9 @@ class Service:
         attributes = verdict.attributes()
         if message.publish_time is not None:
             attributes["source_publish_time"] = rfc3339(message.publish_time)
-        self.sink.publish(self._results, verdict.encode(), attributes)
+        self.sink.publish(
+            self.settings.topic_path(self.settings.results_topic), verdict.encode(), attributes
+        )
         self._log_verdict(verdict)
         return verdict
 
@@ -163,7 +163,11 @@ class Service:
         try:
             raw, transaction = decode(body)
         except MessageError as error:
-            log.info("rejected HTTP transaction: %s", error, extra={"fields": {"error_type": error.error_type}})
+            log.info(
+                "rejected HTTP transaction: %s",
+                error,
+                extra={"fields": {"error_type": error.error_type}},
+            )
             return 400, error_body(error)
         now = self.clock()
         verdict = self.detector.decide(
@@ -186,7 +190,8 @@ class Service:
             label = Label.model_validate_json(message.data)
         except ValidationError as error:
             problems = "; ".join(
-                f"{'.'.join(map(str, item['loc'])) or 'data'}: {item['msg']}" for item in error.errors()
+                f"{'.'.join(map(str, item['loc'])) or 'data'}: {item['msg']}"
+                for item in error.errors()
             )
             self.dead_letter(message, InvalidLabel(problems))
             return None
@@ -211,7 +216,9 @@ class Service:
             error=_clip(str(error)),
             message_id=message.message_id or "",
         )
-        self.sink.publish(self._dead_letters, message.data, attributes)
+        self.sink.publish(
+            self.settings.topic_path(self.settings.dead_letter_topic), message.data, attributes
+        )
         log.warning(
             "dead-lettered message %s: %s",
             message.message_id,

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from detector.errors import ConfigError
 
+DEFAULT_RESULTS_TOPIC = "fraud-verdicts"
+DEFAULT_DEAD_LETTER_TOPIC = "transactions-dead-letter"
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -27,8 +30,8 @@ class Settings:
     """
 
     project: str
-    results_topic: str = "fraud-verdicts"
-    dead_letter_topic: str = "transactions-dead-letter"
+    results_topic: str = DEFAULT_RESULTS_TOPIC
+    dead_letter_topic: str = DEFAULT_DEAD_LETTER_TOPIC
     rules_file: Path | None = None
     model_path: str | None = None
     redis_url: str | None = None
@@ -47,14 +50,16 @@ class Settings:
         try:
             timeout = float(timeout_text)
         except ValueError:
-            raise ConfigError(f"PUBLISH_TIMEOUT: must be a number of seconds, got {timeout_text!r}") from None
+            raise ConfigError(
+                f"PUBLISH_TIMEOUT: must be a number of seconds, got {timeout_text!r}"
+            ) from None
         if not 0 < timeout <= 540:
             raise ConfigError(f"PUBLISH_TIMEOUT: must be in (0, 540] seconds, got {timeout_text!r}")
         rules = env.get("RULES_FILE")
         return cls(
             project=project,
-            results_topic=env.get("RESULTS_TOPIC") or cls.results_topic,
-            dead_letter_topic=env.get("DEAD_LETTER_TOPIC") or cls.dead_letter_topic,
+            results_topic=env.get("RESULTS_TOPIC") or DEFAULT_RESULTS_TOPIC,
+            dead_letter_topic=env.get("DEAD_LETTER_TOPIC") or DEFAULT_DEAD_LETTER_TOPIC,
             rules_file=Path(rules) if rules else None,
             model_path=env.get("MODEL_PATH") or None,
             redis_url=env.get("REDIS_URL") or None,

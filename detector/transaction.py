@@ -182,7 +182,7 @@ def unwrap_avro_json(raw: dict[str, Any]) -> dict[str, Any]:
     plain = {}
     for name, value in raw.items():
         if isinstance(value, dict) and len(value) == 1:
-            (branch, inner), = value.items()
+            ((branch, inner),) = value.items()
             if branch in _AVRO_BRANCHES:
                 value = inner
         plain[name] = value

@@ -21,7 +21,9 @@ RESULTS = "projects/fraud-test/topics/fraud-verdicts"
 DEAD = "projects/fraud-test/topics/transactions-dead-letter"
 
 
-def envelope(data: bytes, message_id: str = "m-1", attributes: dict[str, str] | None = None) -> dict[str, object]:
+def envelope(
+    data: bytes, message_id: str = "m-1", attributes: dict[str, str] | None = None
+) -> dict[str, object]:
     return {
         "message": {
             "data": base64.b64encode(data).decode(),
@@ -45,8 +47,12 @@ def service(sink: MemorySink) -> Service:
     return service
 
 
-@pytest.mark.parametrize(("amount", "is_fraud"), [(1200, True), (1000.01, True), (1000, False), (50, False)])
-def test_original_rule_blocks_amounts_over_1000(service: Service, sink: MemorySink, amount: float, is_fraud: bool) -> None:
+@pytest.mark.parametrize(
+    ("amount", "is_fraud"), [(1200, True), (1000.01, True), (1000, False), (50, False)]
+)
+def test_original_rule_blocks_amounts_over_1000(
+    service: Service, sink: MemorySink, amount: float, is_fraud: bool
+) -> None:
     """The blog example's rule: amount > 1000 is fraud, 1000 itself is not."""
     data = orjson.dumps({"amount": amount, "merchant": "XYZ Corp", "customer_id": "12345"})
     service.on_transaction(envelope(data))
@@ -58,9 +64,16 @@ def test_original_rule_blocks_amounts_over_1000(service: Service, sink: MemorySi
     assert attributes["is_fraud"] == ("true" if is_fraud else "false")
 
 
-def test_verdict_echoes_the_transaction_and_follows_the_schema(service: Service, sink: MemorySink) -> None:
+def test_verdict_echoes_the_transaction_and_follows_the_schema(
+    service: Service, sink: MemorySink
+) -> None:
     """The verdict is the transaction as received plus every verdict field, per verdict.schema.json."""
-    sent = {"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345", "loyalty": {"tier": "gold"}}
+    sent = {
+        "amount": 1200,
+        "merchant": "XYZ Corp",
+        "customer_id": "12345",
+        "loyalty": {"tier": "gold"},
+    }
     service.on_transaction(envelope(orjson.dumps(sent), message_id="42"))
     [(_, body, attributes)] = sink.messages
     verdict = orjson.loads(body)
@@ -96,9 +109,17 @@ def test_transaction_id_is_kept_when_given(service: Service, sink: MemorySink) -
     [
         (b"{not json", "invalid_json", "data: not valid UTF-8 JSON"),
         (b'"a string"', "invalid_json", "data: must be a JSON object, got str"),
-        (b'{"amount": -5, "customer_id": "c"}', "invalid_transaction", "amount: must be >= 0, got -5"),
+        (
+            b'{"amount": -5, "customer_id": "c"}',
+            "invalid_transaction",
+            "amount: must be >= 0, got -5",
+        ),
         (b'{"amount": 5}', "invalid_transaction", "customer_id: is required"),
-        (b'{"amount": 5, "customer_id": "c", "score": 0}', "invalid_transaction", "score: is a verdict field"),
+        (
+            b'{"amount": 5, "customer_id": "c", "score": 0}',
+            "invalid_transaction",
+            "score: is a verdict field",
+        ),
     ],
 )
 def test_bad_messages_are_dead_lettered_unchanged(
@@ -126,7 +147,9 @@ def test_an_event_without_a_message_is_dead_lettered(service: Service, sink: Mem
 
 def test_http_returns_the_same_decision(service: Service) -> None:
     """The HTTP path decides exactly like the Pub/Sub path and generates a transaction ID."""
-    status, body = service.on_request(b'{"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}')
+    status, body = service.on_request(
+        b'{"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}'
+    )
     assert status == 200
     assert body["is_fraud"] is True
     assert body["message_id"] is None

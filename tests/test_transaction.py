@@ -40,23 +40,52 @@ def test_amount_accepts_numbers_and_decimal_strings(amount: object, expected: fl
     ("payload", "message"),
     [
         ({"amount": -5, "customer_id": "c"}, "amount: must be >= 0, got -5"),
-        ({"amount": "1e5", "customer_id": "c"}, "amount: must be a number or a decimal string, got '1e5'"),
-        ({"amount": "NaN", "customer_id": "c"}, "amount: must be a number or a decimal string, got 'NaN'"),
-        ({"amount": True, "customer_id": "c"}, "amount: must be a number or a decimal string, got True"),
-        ({"amount": None, "customer_id": "c"}, "amount: must be a number or a decimal string, got NoneType"),
+        (
+            {"amount": "1e5", "customer_id": "c"},
+            "amount: must be a number or a decimal string, got '1e5'",
+        ),
+        (
+            {"amount": "NaN", "customer_id": "c"},
+            "amount: must be a number or a decimal string, got 'NaN'",
+        ),
+        (
+            {"amount": True, "customer_id": "c"},
+            "amount: must be a number or a decimal string, got True",
+        ),
+        (
+            {"amount": None, "customer_id": "c"},
+            "amount: must be a number or a decimal string, got NoneType",
+        ),
         ({"customer_id": "c"}, "amount: is required"),
         ({"amount": 1}, "customer_id: is required"),
         ({"amount": 1, "customer_id": ""}, "customer_id: must not be empty, got ''"),
         ({"amount": 1, "customer_id": 12345}, "customer_id: must be a string, got 12345"),
-        ({"amount": 1, "customer_id": "c", "currency": "usd"}, "currency: must be an ISO 4217 code of 3 capital letters, got 'usd'"),
-        ({"amount": 1, "customer_id": "c", "timestamp": "yesterday"}, "timestamp: must be an RFC 3339 date-time, got 'yesterday'"),
-        ({"amount": 1, "customer_id": "c", "timestamp": "2024-01-01T10:00:00"}, "timestamp: must include a UTC offset (RFC 3339), got '2024-01-01T10:00:00'"),
-        ({"amount": 1, "customer_id": "c", "timestamp": 1700000000}, "timestamp: must be an RFC 3339 string, got int"),
+        (
+            {"amount": 1, "customer_id": "c", "currency": "usd"},
+            "currency: must be an ISO 4217 code of 3 capital letters, got 'usd'",
+        ),
+        (
+            {"amount": 1, "customer_id": "c", "timestamp": "yesterday"},
+            "timestamp: must be an RFC 3339 date-time, got 'yesterday'",
+        ),
+        (
+            {"amount": 1, "customer_id": "c", "timestamp": "2024-01-01T10:00:00"},
+            "timestamp: must include a UTC offset (RFC 3339), got '2024-01-01T10:00:00'",
+        ),
+        (
+            {"amount": 1, "customer_id": "c", "timestamp": 1700000000},
+            "timestamp: must be an RFC 3339 string, got int",
+        ),
         ({"amount": 1, "customer_id": "c", "merchant": 7}, "merchant: must be a string, got 7"),
-        ({"amount": 1, "customer_id": "c", "is_fraud": False}, "is_fraud: is a verdict field and cannot be set by a transaction"),
+        (
+            {"amount": 1, "customer_id": "c", "is_fraud": False},
+            "is_fraud: is a verdict field and cannot be set by a transaction",
+        ),
     ],
 )
-def test_invalid_transactions_name_the_field_and_problem(payload: dict[str, object], message: str) -> None:
+def test_invalid_transactions_name_the_field_and_problem(
+    payload: dict[str, object], message: str
+) -> None:
     """Each invalid field is reported with its name, its problem and the value."""
     with pytest.raises(InvalidTransaction) as caught:
         decode(orjson.dumps(payload))
@@ -102,17 +131,32 @@ def test_unknown_fields_pass_through() -> None:
 
 def test_avro_json_unions_are_unwrapped() -> None:
     """A record in Avro's JSON encoding reads like the plain one."""
-    wrapped = {"amount": 1200.0, "customer_id": "12345", "merchant": {"string": "XYZ Corp"}, "card_id": None}
-    assert unwrap_avro_json(wrapped) == {"amount": 1200.0, "customer_id": "12345", "merchant": "XYZ Corp", "card_id": None}
+    wrapped = {
+        "amount": 1200.0,
+        "customer_id": "12345",
+        "merchant": {"string": "XYZ Corp"},
+        "card_id": None,
+    }
+    assert unwrap_avro_json(wrapped) == {
+        "amount": 1200.0,
+        "customer_id": "12345",
+        "merchant": "XYZ Corp",
+        "card_id": None,
+    }
     _, transaction = decode(orjson.dumps(wrapped), avro_json=True)
     assert transaction.merchant == "XYZ Corp"
 
 
-@given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(min_value=-(10**12), max_value=10**12))
+@given(
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(min_value=-(10**12), max_value=10**12)
+)
 def test_amount_is_accepted_exactly_when_finite_and_not_negative(amount: float) -> None:
     """Any number is accepted if and only if it is finite and >= 0."""
-    data = orjson.dumps({"amount": amount, "customer_id": "c"}) if math.isfinite(amount) else (
-        b'{"amount": ' + str(amount).encode() + b', "customer_id": "c"}'
+    data = (
+        orjson.dumps({"amount": amount, "customer_id": "c"})
+        if math.isfinite(amount)
+        else (b'{"amount": ' + str(amount).encode() + b', "customer_id": "c"}')
     )
     valid = math.isfinite(amount) and amount >= 0
     try:
