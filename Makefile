@@ -1,0 +1,40 @@
+# Every command a developer needs; the README explains them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo up test lint typecheck schemas clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(BIN)/.installed
+
+## The main job: emulator, functions, simulated stream, live and final report.
+demo: venv
+	$(BIN)/python -m stack demo
+
+## The local stack alone, until Ctrl-C.
+up: venv
+	$(BIN)/python -m stack up
+
+## Every check: lint, types, schemas in sync, and the whole test suite.
+test: venv lint typecheck
+	$(BIN)/python -m detector schemas --check
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+schemas: venv
+	$(BIN)/python -m detector schemas
+
+clean:
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache

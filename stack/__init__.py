@@ -1,0 +1,1 @@
+"""A local stack for development and demos: the Pub/Sub emulator, redis-server and the functions."""
