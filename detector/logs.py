@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -38,12 +38,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: int = logging.INFO) -> None:
-    """Send the root logger's records to stdout as JSON lines (idempotent)."""
+def configure(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
+    """Send the root logger's records to stream (stdout) as JSON lines (idempotent)."""
     root = logging.getLogger()
     if any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level)

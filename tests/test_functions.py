@@ -153,6 +153,25 @@ def test_failed_verdict_publish_is_redelivered_not_lost(
         assert [orjson.loads(m.data)["message_id"] for m in received] == [message_id]
 
 
+def test_a_bad_rules_file_stops_the_function_from_starting(workdir: Path) -> None:
+    """An invalid ruleset fails start-up with the rule and the problem, instead of failing every message."""
+    rules = workdir / "rules.yaml"
+    rules.write_text(
+        "version: '1'\nrules:\n"
+        "  - {id: typo, description: d, condition: ammount > 5, action: block}\n"
+        "  - {id: big, description: d, condition: amount > 5, action: blok}\n"
+    )
+    env = {"GOOGLE_CLOUD_PROJECT": PROJECT, "RULES_FILE": str(rules)}
+    with (
+        pytest.raises(RuntimeError) as caught,
+        services.function_server("score_transaction", "http", env, workdir),
+    ):
+        pass
+    assert 'rule "typo"' in str(caught.value)
+    assert "ammount" in str(caught.value)
+    assert 'rule "big"' in str(caught.value)
+
+
 @pytest.fixture()
 def http_url(workdir: Path) -> Iterator[str]:
     env = {"GOOGLE_CLOUD_PROJECT": PROJECT}
