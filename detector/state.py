@@ -1,0 +1,739 @@
+"""Per-entity stream state: the aggregates rule conditions read, and fraud feedback.
+
+Every transaction names up to four entities (customer, card, terminal, merchant). For each,
+`StateStore.observe` returns aggregates over the entity's earlier transactions in event-time
+windows (default 1h, 1d, 7d, 30d) and records the transaction, exactly once per
+transaction_id. `StateStore.record_label` applies a fraud label to a recorded transaction.
+
+Semantics shared by every store (the same test suite runs against each):
+
+- Order. Transactions are ordered by ``(timestamp, transaction_id)``. A transaction's
+  features cover the recorded transactions of the same entity that come strictly before it in
+  that order, so a verdict never sees its own or a later transaction, and the result does not
+  depend on the order in which Pub/Sub delivered transactions with equal timestamps.
+- Windows. A window of W seconds at time t holds the earlier transactions with
+  ``timestamp > t - W`` (a transaction exactly W seconds old has left it).
+- Amounts are summed exactly as integer millionths (``round(amount * 1e6)``), so sums and means
+  do not drift and both stores agree to the bit; digits beyond the sixth decimal are rounded.
+- Lateness. The store tracks the newest timestamp recorded (the watermark). A transaction older
+  than ``watermark - allowed_lateness`` is scored against what the store holds but not recorded
+  (logged at WARNING); labels for it report ``unknown``. Within the lateness it is recorded
+  in its place, and later transactions see it.
+- Redelivery. A transaction_id already recorded is not recorded again (logged at INFO); it is
+  scored like the first time against the earlier transactions, so it gets the same features
+  unless older transactions arrived late or labels arrived in between.
+- Retention. State older than ``watermark - retention`` may be forgotten, whole entities
+  included; ``retention >= longest window + allowed_lateness`` keeps every window exact for
+  every transaction that is recorded. ``seconds_since_last`` looks back at most
+  ``retention - allowed_lateness`` seconds (the longest window by default), so it is exact too.
+- Labels count by transaction time: ``fraud_count_W`` counts the earlier transactions in the
+  window that were labelled fraudulent by the time of the call.
+
+Errors::
+
+    StateError                    root (RuntimeError: worth retrying unless a leaf says otherwise)
+    ├── StateConfigError          bad windows, lateness or retention (ValueError)
+    └── StoreUnavailable          Redis unreachable; the message must be retried (ConnectionError)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+HOUR = 3600
+DAY = 86400
+DEFAULT_WINDOWS: tuple[int, ...] = (HOUR, DAY, 7 * DAY, 30 * DAY)
+
+#: Entities a transaction can name, in the order features are returned.
+ENTITIES: tuple[str, ...] = ("customer", "card", "terminal", "merchant")
+
+#: Attributes whose distinct values are counted per entity (not an entity's own kind).
+_DISTINCT = {
+    "customer": ("terminal", "merchant", "country"),
+    "card": ("terminal", "merchant", "country"),
+    "terminal": ("merchant", "country"),
+    "merchant": ("terminal", "country"),
+}
+_DISTINCT_FEATURE = {
+    "terminal": "distinct_terminals",
+    "merchant": "distinct_merchants",
+    "country": "distinct_countries",
+}
+
+#: Amounts are summed as integers of this many units per currency unit.
+MICROS = 1_000_000
+
+Features = dict[str, dict[str, float]]
+
+
+class StateError(RuntimeError):
+    """Root of the state store's errors."""
+
+
+class StateConfigError(StateError, ValueError):
+    """Invalid state configuration: names the setting, the problem and the limit."""
+
+
+class StoreUnavailable(StateError, ConnectionError):
+    """The state store cannot be reached; the message must be retried."""
+
+
+class LabelOutcome(enum.StrEnum):
+    """What `StateStore.record_label` did with a label."""
+
+    APPLIED = "applied"  # first label of a known transaction
+    DUPLICATE = "duplicate"  # the transaction already had this label: nothing changed
+    CHANGED = "changed"  # the transaction had the opposite label: replaced
+    UNKNOWN = "unknown"  # not recorded (never seen, too late, or forgotten after retention)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """What the state store needs of a transaction."""
+
+    transaction_id: str
+    timestamp: float  # event time, epoch seconds
+    amount: float
+    customer: str | None = None
+    card: str | None = None
+    terminal: str | None = None
+    merchant: str | None = None
+    country: str | None = None
+
+
+_UNITS = (("d", DAY), ("h", HOUR), ("m", 60), ("s", 1))
+_WINDOW_RE = re.compile(r"^([1-9][0-9]*)([dhms])$")
+
+
+def window_name(seconds: float) -> str:
+    """Suffix of a window's features: 3600 -> "1h", 86400 -> "1d", 90 -> "90s".
+
+    Raises:
+        StateConfigError: seconds is not a positive whole number.
+    """
+    if seconds != int(seconds) or seconds <= 0:
+        raise StateConfigError(f"windows: must be positive whole seconds, got {seconds!r}")
+    whole = int(seconds)
+    for suffix, unit in _UNITS:
+        if whole % unit == 0:
+            return f"{whole // unit}{suffix}"
+    raise AssertionError("unreachable: 1 s divides every whole number")
+
+
+def parse_window(text: str) -> int:
+    """Seconds of a window written like its feature suffix: "1h" -> 3600, "30d" -> 2592000.
+
+    Raises:
+        StateConfigError: not a positive number followed by one of d, h, m, s.
+    """
+    match = _WINDOW_RE.match(text.strip())
+    if match is None:
+        raise StateConfigError(f"windows: expected a number and one of d, h, m, s, got {text!r}")
+    return int(match.group(1)) * dict(_UNITS)[match.group(2)]
+
+
+def feature_names(windows: Iterable[float], entity: str | None = None) -> frozenset[str]:
+    """Names of the features an entity's map can hold (all entities' when entity is None).
+
+    ``amount_ratio_W`` and ``seconds_since_last`` are among them although they are absent
+    when the entity has no history.
+
+    Raises:
+        StateConfigError: a window is not positive whole seconds, or the entity is unknown.
+    """
+    if entity is None:
+        return frozenset().union(*(feature_names(windows, kind) for kind in ENTITIES))
+    if entity not in _DISTINCT:
+        raise StateConfigError(f"entity: must be one of {', '.join(ENTITIES)}, got {entity!r}")
+    names = {"seconds_since_last"}
+    for window in windows:
+        suffix = window_name(window)
+        names.update(
+            f"{base}_{suffix}"
+            for base in (
+                "count",
+                "sum",
+                "mean",
+                "max",
+                "amount_ratio",
+                "fraud_count",
+                "fraud_share",
+            )
+        )
+        names.update(f"{_DISTINCT_FEATURE[attr]}_{suffix}" for attr in _DISTINCT[entity])
+    return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """How much history the store keeps and how it windows it.
+
+    Attributes:
+        windows: window lengths in whole seconds (sorted and deduplicated here).
+        allowed_lateness: how far behind the newest recorded timestamp a transaction may be
+            and still be recorded, in seconds.
+        retention: how long state is kept, in seconds of event time (Redis: also the TTL of
+            its keys in wall-clock seconds). None means the minimum, longest window +
+            allowed_lateness.
+    """
+
+    windows: tuple[int, ...] = DEFAULT_WINDOWS
+    allowed_lateness: float = HOUR
+    retention: float | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            raise StateConfigError("windows: must name at least one window, got none")
+        for window in self.windows:
+            window_name(window)  # validates
+        object.__setattr__(self, "windows", tuple(sorted({int(w) for w in self.windows})))
+        if not self.allowed_lateness >= 0:
+            raise StateConfigError(
+                f"allowed_lateness: must be >= 0 seconds, got {self.allowed_lateness!r}"
+            )
+        minimum = self.windows[-1] + self.allowed_lateness
+        if self.retention is None:
+            object.__setattr__(self, "retention", minimum)
+        elif not self.retention >= minimum:
+            raise StateConfigError(
+                f"retention: must be >= longest window + allowed_lateness ({minimum:g} s), "
+                f"got {self.retention!r}"
+            )
+
+    @property
+    def keep(self) -> float:
+        """Retention in seconds (never None after construction)."""
+        assert self.retention is not None
+        return self.retention
+
+
+class StateStore(Protocol):
+    """Where per-entity history lives: process memory or Redis."""
+
+    def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
+        """Features of each entity the event names over what came before it, then record it.
+
+        Args:
+            event: the transaction.
+            needed: feature names (e.g. "count_1h") wanted for every entity; None for all.
+                Others may be left out of the result. Recording is the same either way.
+
+        Returns:
+            {entity: {feature: value}} for each entity the event names.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached; nothing was recorded.
+        """
+        ...
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
+        """Apply a fraud label to a recorded transaction (see `LabelOutcome`).
+
+        Raises:
+            StoreUnavailable: the store cannot be reached; nothing was changed.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+        ...
+
+
+def entities_of(event: Event) -> list[tuple[str, str]]:
+    """(kind, id) of each entity the event names, in `ENTITIES` order."""
+    pairs = []
+    if event.customer is not None:
+        pairs.append(("customer", event.customer))
+    if event.card is not None:
+        pairs.append(("card", event.card))
+    if event.terminal is not None:
+        pairs.append(("terminal", event.terminal))
+    if event.merchant is not None:
+        pairs.append(("merchant", event.merchant))
+    return pairs
+
+
+def micros(amount: float) -> int:
+    """The amount in integer millionths, as windows sum it."""
+    return round(amount * MICROS)
+
+
+# One window's raw aggregates:
+# (count, sum in micros, max amount, fraud count, distinct terminals, merchants, countries).
+Raw = tuple[int, int, float, int, int, int, int]
+
+
+class FeatureBuilder:
+    """Turns raw window aggregates into an entity's feature map (shared by every store).
+
+    Keeping the arithmetic in one place makes both stores return bit-identical values.
+    """
+
+    __slots__ = ("_keys", "_last_key", "_windows")
+
+    def __init__(self, windows: Sequence[int]) -> None:
+        self._windows = tuple(windows)
+        keys = []
+        for window in self._windows:
+            s = window_name(window)
+            keys.append(
+                (
+                    f"count_{s}",
+                    f"sum_{s}",
+                    f"mean_{s}",
+                    f"max_{s}",
+                    f"amount_ratio_{s}",
+                    f"fraud_count_{s}",
+                    f"fraud_share_{s}",
+                    f"distinct_terminals_{s}",
+                    f"distinct_merchants_{s}",
+                    f"distinct_countries_{s}",
+                )
+            )
+        self._keys = tuple(keys)
+        self._last_key = "seconds_since_last"
+
+    def build(
+        self, kind: str, amount: float, raws: Sequence[Raw], gap: float | None
+    ) -> dict[str, float]:
+        """The feature map of one entity from its raw window aggregates and the time gap."""
+        out: dict[str, float] = {}
+        has_terminal = kind != "terminal"
+        has_merchant = kind != "merchant"
+        for keys, (count, total, high, fraud, terminals, merchants, countries) in zip(
+            self._keys, raws, strict=True
+        ):
+            if count:
+                amount_sum = total / MICROS
+                mean = amount_sum / count
+                out[keys[0]] = float(count)
+                out[keys[1]] = amount_sum
+                out[keys[2]] = mean
+                out[keys[3]] = high
+                if mean > 0:
+                    out[keys[4]] = amount / mean
+                out[keys[5]] = float(fraud)
+                out[keys[6]] = fraud / count
+            else:
+                out[keys[0]] = 0.0
+                out[keys[1]] = 0.0
+                out[keys[2]] = 0.0
+                out[keys[3]] = 0.0
+                out[keys[5]] = 0.0
+                out[keys[6]] = 0.0
+            if has_terminal:
+                out[keys[7]] = float(terminals)
+            if has_merchant:
+                out[keys[8]] = float(merchants)
+            out[keys[9]] = float(countries)
+        if gap is not None:
+            out[self._last_key] = gap
+        return out
+
+
+def select(features: dict[str, float], needed: frozenset[str] | None) -> dict[str, float]:
+    """Only the needed features (all when needed is None)."""
+    if needed is None:
+        return features
+    return {name: value for name, value in features.items() if name in needed}
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process memory store
+
+
+class _Tx:
+    """A recorded transaction, shared by the histories of the entities it names."""
+
+    __slots__ = (
+        "amount",
+        "country",
+        "entities",
+        "fraud",
+        "label",
+        "merchant",
+        "micro",
+        "terminal",
+        "ts",
+        "txid",
+    )
+
+    def __init__(self, event: Event) -> None:
+        self.ts = event.timestamp
+        self.txid = event.transaction_id
+        self.amount = event.amount
+        self.micro = micros(event.amount)
+        self.terminal = event.terminal
+        self.merchant = event.merchant
+        self.country = event.country
+        self.label: bool | None = None
+        self.fraud = 0
+        self.entities: list[_History] = []
+
+
+class _History:
+    """One entity's recorded transactions in (timestamp, transaction_id) order, with indexes.
+
+    Positions are absolute: list index + `base`, where `base` counts transactions dropped from
+    the front, so that indexes survive trimming. `sums`/`frauds` are prefix sums (length n+1)
+    of amounts in micros and of fraud labels. `peaks` holds the positions of suffix maxima of
+    the amount (amounts strictly decreasing), so the max of a window is the first peak inside
+    it. For each counted attribute, `last` maps a value to the position of its last
+    occurrence and `lasts` holds those positions sorted: the distinct values of a window are
+    the last occurrences inside it.
+    """
+
+    __slots__ = ("attrs", "base", "frauds", "last", "lasts", "peaks", "sums", "ts", "txs")
+
+    def __init__(self, attrs: tuple[str, ...]) -> None:
+        self.attrs = attrs
+        self.base = 0
+        self.ts: list[float] = []
+        self.txs: list[_Tx] = []
+        self.sums: list[int] = [0]
+        self.frauds: list[int] = [0]
+        self.peaks: list[int] = []
+        self.last: list[dict[str, int]] = [{} for _ in attrs]
+        self.lasts: list[list[int]] = [[] for _ in attrs]
+
+    def position(self, ts: float, txid: str) -> int:
+        """List index where a transaction with this key goes (after every smaller key)."""
+        index = bisect_left(self.ts, ts)
+        txs, times = self.txs, self.ts
+        while index < len(times) and times[index] == ts and txs[index].txid < txid:
+            index += 1
+        return index
+
+    def scan(self, index: int, ts: float, txid: str, windows: Sequence[int]) -> list[Raw]:
+        """Raw aggregates of the transactions before list index `index`, by brute force."""
+        raws: list[Raw] = []
+        times, txs, attrs = self.ts, self.txs, self.attrs
+        for window in windows:
+            start = bisect_right(times, ts - window, 0, index)
+            count = total = fraud = 0
+            high = 0.0
+            seen: list[set[str]] = [set(), set(), set()]
+            for i in range(start, index):
+                tx = txs[i]
+                if tx.txid == txid:
+                    continue
+                count += 1
+                total += tx.micro
+                fraud += tx.fraud
+                if tx.amount > high:
+                    high = tx.amount
+                if tx.terminal is not None:
+                    seen[0].add(tx.terminal)
+                if tx.merchant is not None:
+                    seen[1].add(tx.merchant)
+                if tx.country is not None:
+                    seen[2].add(tx.country)
+            counts = {
+                attr: len(seen[n]) for n, attr in enumerate(("terminal", "merchant", "country"))
+            }
+            raws.append(
+                (
+                    count,
+                    total,
+                    high,
+                    fraud,
+                    counts["terminal"] if "terminal" in attrs else 0,
+                    counts["merchant"] if "merchant" in attrs else 0,
+                    counts["country"] if "country" in attrs else 0,
+                )
+            )
+        return raws
+
+    def gap(self, index: int, ts: float, txid: str, lookback: float) -> float | None:
+        """Seconds since the latest transaction before list index `index`, within `lookback`."""
+        i = index - 1
+        while i >= 0 and self.txs[i].txid == txid:
+            i -= 1
+        if i < 0 or self.ts[i] <= ts - lookback:
+            return None
+        return ts - self.ts[i]
+
+    def rebuild(self) -> None:
+        """Recompute every index from the lists (after an out-of-order insert or a trim)."""
+        base = self.base
+        sums = [0]
+        frauds = [0]
+        peaks: list[int] = []
+        last: list[dict[str, int]] = [{} for _ in self.attrs]
+        txs = self.txs
+        for i, tx in enumerate(txs):
+            sums.append(sums[-1] + tx.micro)
+            frauds.append(frauds[-1] + tx.fraud)
+            while peaks and txs[peaks[-1] - base].amount <= tx.amount:
+                peaks.pop()
+            peaks.append(i + base)
+            for n, attr in enumerate(self.attrs):
+                value = getattr(tx, attr)
+                if value is not None:
+                    last[n][value] = i + base
+        self.sums = sums
+        self.frauds = frauds
+        self.peaks = peaks
+        self.last = last
+        self.lasts = [sorted(d.values()) for d in last]
+
+    def trim(self, cutoff: float) -> None:
+        """Forget transactions with timestamp <= cutoff."""
+        drop = bisect_right(self.ts, cutoff)
+        if not drop:
+            return
+        for tx in self.txs[:drop]:
+            tx.entities.remove(self)
+        del self.ts[:drop]
+        del self.txs[:drop]
+        self.base += drop
+        del self.sums[:drop]
+        del self.frauds[:drop]
+        floor = self.base
+        self.peaks = [p for p in self.peaks if p >= floor]
+        for n, positions in enumerate(self.lasts):
+            gone = bisect_left(positions, floor)
+            if gone:
+                del positions[:gone]
+                self.last[n] = {v: p for v, p in self.last[n].items() if p >= floor}
+
+    def set_fraud(self, tx: _Tx, delta: int) -> None:
+        """Add delta to the fraud count of a transaction in this history."""
+        index = self.position(tx.ts, tx.txid)
+        frauds = self.frauds
+        for i in range(index + 1, len(frauds)):
+            frauds[i] += delta
+
+
+class MemoryStore:
+    """State in this process's memory: the embedded default (one process, tests, replay).
+
+    Not thread-safe: serve one observe or record_label at a time.
+    """
+
+    def __init__(self, config: StateConfig | None = None) -> None:
+        self.config = config or StateConfig()
+        self._windows = self.config.windows
+        self._keep = self.config.keep
+        self._lateness = self.config.allowed_lateness
+        self._lookback = self._keep - self._lateness
+        self._builder = FeatureBuilder(self._windows)
+        self._entities: dict[tuple[str, str], _History] = {}
+        self._txs: dict[str, _Tx] = {}
+        self._watermark = float("-inf")
+        # Forgetting runs when the watermark has advanced this far since the last time.
+        self._sweep_every = max(self._keep / 8, 60.0)
+        self._next_sweep = float("-inf")
+
+    def __len__(self) -> int:
+        """Number of transactions remembered (for idempotency and labels)."""
+        return len(self._txs)
+
+    @property
+    def entity_count(self) -> int:
+        """Number of entities with history in memory."""
+        return len(self._entities)
+
+    def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
+        """See `StateStore.observe`."""
+        ts = event.timestamp
+        txid = event.transaction_id
+        if txid in self._txs:
+            log.info("transaction %s already recorded: scored, not counted again", txid)
+            return self._score_only(event, needed)
+        if ts < self._watermark - self._lateness:
+            log.warning(
+                "transaction %s is %.0f s behind the newest (allowed lateness %.0f s): "
+                "scored, not recorded",
+                txid,
+                self._watermark - ts,
+                self._lateness,
+            )
+            return self._score_only(event, needed)
+        tx = _Tx(event)
+        self._txs[txid] = tx
+        features: Features = {}
+        amount = event.amount
+        for kind, ident in entities_of(event):
+            history = self._entities.get((kind, ident))
+            if history is None:
+                history = self._entities[(kind, ident)] = _History(_DISTINCT[kind])
+            tx.entities.append(history)
+            times = history.ts
+            if not times or ts > times[-1] or (ts == times[-1] and txid > history.txs[-1].txid):
+                raws, gap = self._append(history, tx)
+            else:
+                raws, gap = self._insert(history, tx)
+            features[kind] = select(self._builder.build(kind, amount, raws, gap), needed)
+        if ts > self._watermark:
+            self._watermark = ts
+            if ts >= self._next_sweep:
+                self._sweep()
+        return features
+
+    def _append(self, h: _History, tx: _Tx) -> tuple[list[Raw], float | None]:
+        """Fast path: tx comes after everything in the history."""
+        ts = tx.ts
+        times = h.ts
+        base = h.base
+        end = base + len(times)
+        total_all = h.sums[-1]
+        fraud_all = h.frauds[-1]
+        sums = h.sums
+        frauds = h.frauds
+        peaks = h.peaks
+        txs = h.txs
+        lasts = h.lasts
+        attrs = h.attrs
+        raws: list[Raw] = []
+        lo_abs = base
+        for window in self._windows:
+            lo = bisect_right(times, ts - window)
+            count = len(times) - lo
+            lo_abs = lo + base
+            if count:
+                for p in peaks:
+                    if p >= lo_abs:
+                        high = txs[p - base].amount
+                        break
+                distinct = [len(pos) - bisect_left(pos, lo_abs) for pos in lasts]
+                if len(attrs) == 3:
+                    raws.append(
+                        (count, total_all - sums[lo], high, fraud_all - frauds[lo], *distinct)  # type: ignore[arg-type]
+                    )
+                elif attrs[0] == "merchant":
+                    raws.append(
+                        (count, total_all - sums[lo], high, fraud_all - frauds[lo], 0, *distinct)  # type: ignore[arg-type]
+                    )
+                else:
+                    raws.append(
+                        (
+                            count,
+                            total_all - sums[lo],
+                            high,
+                            fraud_all - frauds[lo],
+                            distinct[0],
+                            0,
+                            distinct[1],
+                        )
+                    )
+            else:
+                raws.append((0, 0, 0.0, 0, 0, 0, 0))
+        gap = ts - times[-1] if times and times[-1] > ts - self._lookback else None
+        # Record.
+        amount = tx.amount
+        while peaks and txs[peaks[-1] - base].amount <= amount:
+            peaks.pop()
+        if peaks and peaks[0] < lo_abs:
+            # Peaks older than the longest window are never read again (late arrivals rebuild).
+            del peaks[: bisect_left(peaks, lo_abs)]
+        peaks.append(end)
+        times.append(ts)
+        txs.append(tx)
+        sums.append(total_all + tx.micro)
+        frauds.append(fraud_all)
+        for n, attr in enumerate(attrs):
+            value = getattr(tx, attr)
+            if value is not None:
+                last = h.last[n]
+                old = last.get(value)
+                positions = lasts[n]
+                if old is not None:
+                    del positions[bisect_left(positions, old)]
+                positions.append(end)
+                last[value] = end
+        if times[0] <= ts - self._keep:
+            cutoff = ts - self._keep
+            if len(times) >= 64 or times[len(times) // 2] <= cutoff:
+                h.trim(cutoff)
+        return raws, gap
+
+    def _insert(self, h: _History, tx: _Tx) -> tuple[list[Raw], float | None]:
+        """Slow path: tx arrived after later transactions of this entity."""
+        index = h.position(tx.ts, tx.txid)
+        raws = h.scan(index, tx.ts, tx.txid, self._windows)
+        gap = h.gap(index, tx.ts, tx.txid, self._lookback)
+        h.ts.insert(index, tx.ts)
+        h.txs.insert(index, tx)
+        h.rebuild()
+        return raws, gap
+
+    def _score_only(self, event: Event, needed: frozenset[str] | None) -> Features:
+        """Features of an event that is not recorded (redelivered or too late)."""
+        features: Features = {}
+        for kind, ident in entities_of(event):
+            history = self._entities.get((kind, ident))
+            if history is None:
+                history = _History(_DISTINCT[kind])
+            index = history.position(event.timestamp, event.transaction_id)
+            raws = history.scan(index, event.timestamp, event.transaction_id, self._windows)
+            gap = history.gap(index, event.timestamp, event.transaction_id, self._lookback)
+            features[kind] = select(self._builder.build(kind, event.amount, raws, gap), needed)
+        return features
+
+    def _sweep(self) -> None:
+        """Forget transactions and entities older than the retention behind the watermark."""
+        cutoff = self._watermark - self._keep
+        self._next_sweep = self._watermark + self._sweep_every
+        gone = [key for key, h in self._entities.items() if h.ts[-1] <= cutoff]
+        for key in gone:
+            del self._entities[key]
+        for h in self._entities.values():
+            if h.ts[0] <= cutoff:
+                h.trim(cutoff)
+        old = []
+        for txid, tx in self._txs.items():
+            if tx.ts > cutoff:
+                break  # roughly in event-time order: late stragglers go on a later sweep
+            old.append(txid)
+        for txid in old:
+            del self._txs[txid]
+        if gone or old:
+            log.debug("forgot %d entities and %d transactions", len(gone), len(old))
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
+        """See `StateStore.record_label`."""
+        tx = self._txs.get(transaction_id)
+        if tx is None:
+            outcome = LabelOutcome.UNKNOWN
+        elif tx.label is None:
+            outcome = LabelOutcome.APPLIED
+        elif tx.label == is_fraud:
+            outcome = LabelOutcome.DUPLICATE
+        else:
+            outcome = LabelOutcome.CHANGED
+        if tx is not None and outcome is not LabelOutcome.DUPLICATE:
+            tx.label = is_fraud
+            fraud = int(is_fraud)
+            delta = fraud - tx.fraud
+            tx.fraud = fraud
+            if delta:
+                for h in tx.entities:
+                    h.set_fraud(tx, delta)
+        log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
+        return outcome
+
+    def close(self) -> None:
+        """Drop all state."""
+        self._entities.clear()
+        self._txs.clear()
+
+
+def open_store(config: StateConfig, redis_url: str | None) -> StateStore:
+    """The configured store: Redis when redis_url is set, else process memory.
+
+    Connections open on first use, so this is safe to call before a fork.
+    """
+    if redis_url is None:
+        return MemoryStore(config)
+    from detector.redis_store import RedisStore
+
+    return RedisStore(config, redis_url)
