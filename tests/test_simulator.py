@@ -20,6 +20,7 @@ from publisher.simulate import (
     draw_compromises,
     generate,
     make_population,
+    neighbours_within,
     records,
 )
 
@@ -185,3 +186,24 @@ def test_invariants_hold_for_any_small_config(
         assert ((batch.customer >= 0) & (batch.customer < customers)).all()
         assert ((batch.terminal >= 0) & (batch.terminal < terminals)).all()
         assert (batch.is_fraud == (batch.scenario > 0)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    customers=st.integers(1, 80),
+    terminals=st.integers(1, 200),
+    radius=st.sampled_from([0.3, 2.0, 5.0, 17.0, 150.0]),
+)
+def test_grid_search_finds_exactly_the_terminals_within_the_radius(
+    seed: int, customers: int, terminals: int, radius: float
+) -> None:
+    """The cell-bucketed neighbour search equals comparing every customer with every terminal."""
+    rng = np.random.default_rng(seed)
+    customer_xy = rng.uniform(0, 100, size=(customers, 2))
+    terminal_xy = rng.uniform(0, 100, size=(terminals, 2))
+    offsets, neighbours = neighbours_within(customer_xy, terminal_xy, radius)
+    d2 = ((customer_xy[:, None, :] - terminal_xy[None, :, :]) ** 2).sum(axis=2)
+    for c in range(customers):
+        expected = np.nonzero(d2[c] < radius**2)[0]
+        assert neighbours[offsets[c] : offsets[c + 1]].tolist() == expected.tolist()
