@@ -369,7 +369,6 @@ class _Parser:
     def __init__(self, source: str) -> None:
         self.tokens = _tokenize(source)
         self.index = 0
-        self.depth = 0
 
     def parse(self) -> _Node:
         node = self.expr()
@@ -408,9 +407,6 @@ class _Parser:
         )
 
     def expr(self) -> _Node:
-        self.depth += 1
-        if self.depth > 100:
-            raise _SyntaxProblem("condition is nested more than 100 levels deep")
         test = self.binary_level(0)
         if self.accept("?"):
             then = self.binary_level(0)
@@ -418,7 +414,6 @@ class _Parser:
             node: _Node = _Cond(test, then, self.expr())
         else:
             node = test
-        self.depth -= 1
         return node
 
     _LEVELS: Final = (("||",), ("&&",), tuple(_RELATIONS), ("+", "-"), ("*", "/", "%"))
@@ -503,8 +498,36 @@ class _Parser:
         raise self.unexpected(token, "a value, name or '('")
 
 
+#: Deeper conditions are rejected: nobody writes them, and Python's own parser has limits.
+MAX_DEPTH: Final = 100
+
+
+def _depth(node: _Node) -> int:
+    children: tuple[_Node, ...]
+    if isinstance(node, _Select | _Unary):
+        children = (node.operand,)
+    elif isinstance(node, _Binary):
+        children = (node.left, node.right)
+    elif isinstance(node, _Cond):
+        children = (node.test, node.then, node.other)
+    elif isinstance(node, _List):
+        children = node.items
+    elif isinstance(node, _Call):
+        children = node.args if node.target is None else (node.target, *node.args)
+    else:
+        return 1
+    return 1 + max((_depth(child) for child in children), default=0)
+
+
 def _parse(source: str) -> _Node:
-    return _Parser(source).parse()
+    try:
+        node = _Parser(source).parse()
+        depth = _depth(node)
+    except RecursionError:
+        depth = MAX_DEPTH + 1
+    if depth > MAX_DEPTH:
+        raise _SyntaxProblem(f"condition is nested too deeply: more than {MAX_DEPTH} levels")
+    return node
 
 
 # --------------------------------------------------------------------------------------------

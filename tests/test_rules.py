@@ -681,3 +681,38 @@ def test_compiled_rules_agree_with_a_reference_interpreter(
     condition = render(tree)
     ruleset = parse_ruleset(one_rule(condition), SCHEMA)
     assert bool(ruleset.evaluate(activation).hits) is expected, (condition, ruleset.source)
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        " && ".join(["amount > 1"] * 99),
+        "!" * 99 + "true",
+        "(" * 40 + "amount > 1" + ")" * 40,
+        "1 + " * 98 + "1 > 0",
+    ],
+)
+def test_conditions_up_to_the_depth_limit_load(condition: str) -> None:
+    """Long chains and deep nesting up to MAX_DEPTH levels compile and run."""
+    parse_ruleset(one_rule(condition), SCHEMA).evaluate(BASE)
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        " && ".join(["amount > 1"] * 101),
+        "!" * 101 + "true",
+        "(" * 2000 + "true" + ")" * 2000,
+        "-" * 5000 + "amount > 1",
+    ],
+)
+def test_conditions_nested_too_deeply_are_rejected(condition: str) -> None:
+    """Deeper conditions are a load error, not a crash of the parser or of Python's compiler."""
+    assert "condition is nested too deeply: more than 100 levels" in error_of(one_rule(condition))
+
+
+def test_empty_ruleset_allows_everything() -> None:
+    """A file with no rules is valid and allows every transaction."""
+    ruleset = parse_ruleset('version: "empty"\nrules: []\n', SCHEMA)
+    assert ruleset.evaluate(BASE) == Evaluation("allow", ())
+    assert ruleset.variables == frozenset()
