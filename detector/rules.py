@@ -190,6 +190,15 @@ class _Missing:
 
 _MISSING: Final = _Missing()
 
+
+def _sequence(*items: object) -> tuple[object, ...]:
+    """A list value built from expressions; touching a missing item is touching a missing value."""
+    for item in items:
+        if item is _MISSING:
+            raise _MissingValueError
+    return items
+
+
 # What a rule's test may raise on values of the wrong shape; each means "did not fire".
 _EVAL_ERRORS: Final = (
     _MissingValueError,
@@ -658,8 +667,12 @@ def _compile(node: _Node, ctx: _Context) -> _Compiled:
                 raise _SyntaxProblem(f"list mixes {kind} and {item.type} elements")
             kind = common
         must = frozenset().union(*(item.must for item in items))
-        trailing = "," if len(items) == 1 else ""
-        return _Compiled(f"({', '.join(i.code for i in items)}{trailing})", f"list[{kind}]", must)
+        codes = ", ".join(item.code for item in items)
+        if all(isinstance(item, _Lit) for item in node.items):
+            trailing = "," if len(items) == 1 else ""
+            return _Compiled(f"({codes}{trailing})", f"list[{kind}]", must)
+        # seq() refuses missing items: a tuple would compare a missing item by identity.
+        return _Compiled(f"seq({codes})", f"list[{kind}]", must)
     return _compile_call(node, ctx)
 
 
@@ -701,6 +714,8 @@ def _compile_binary(node: _Binary, ctx: _Context) -> _Compiled:
         if literals and node.right.items:  # type: ignore[union-attr]
             # A constant set: hashed lookup, folded to a frozenset constant by CPython.
             container = "{" + right.code[1:-1].rstrip(",") + "}"
+        elif literals:
+            container = "NOTHING"  # hashes the left side, so a missing one still counts as touched
         else:
             container = right.code
         return _Compiled(f"({left.code} in {container})", "bool", _both(left, right))
@@ -1062,6 +1077,8 @@ def _build(
         "fmod": math.fmod,
         "len": len,
         "fmt": _format_value,
+        "seq": _sequence,
+        "NOTHING": frozenset(),
         "Hit": Hit,
         "new": tuple.__new__,  # Hit's fields in order, minus NamedTuple's Python-level __new__
         **ctx.namespace,

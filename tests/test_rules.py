@@ -132,6 +132,9 @@ def fires(condition: str, **changes: Any) -> bool:
         ("country == null", False),
         ("country != null", True),
         ("[1, 2] == [1, 2]", True),
+        ("[amount, 1] == [120, 1]", True),
+        ("country in [ip_country, channel]", True),
+        ("amount in [score, 1.0]", False),
     ],
 )
 def test_language(condition: str, expected: bool) -> None:
@@ -163,6 +166,12 @@ def test_language(condition: str, expected: bool) -> None:
         ("-score < 0", {"score": None}),
         ("amount / 0 > 1", {}),
         ("amount % 0 > 1", {}),
+        ("terminal_id in []", {}),
+        ("terminal_id in [country]", {}),
+        ("country in [terminal_id]", {}),
+        ("[terminal_id] == [terminal_id]", {}),
+        ("size([terminal_id]) == 1", {}),
+        ("amount > 0 ? terminal_id in [] : true", {}),
     ],
 )
 def test_touching_a_missing_value_means_the_rule_does_not_fire(
@@ -529,6 +538,7 @@ bool_leaf = st.one_of(
     ),
     st.tuples(st.sampled_from(["==", "!=", "<"]), str_expr, str_expr).map(lambda t: ("op", *t)),
     st.tuples(str_expr, st.lists(st.sampled_from(STRINGS), max_size=3)).map(lambda t: ("in", *t)),
+    st.tuples(num_expr, st.lists(num_expr, max_size=3)).map(lambda t: ("in-exprs", *t)),
     st.sampled_from(NUMBER_VARS + STRING_VARS).map(lambda v: ("has", v)),
     st.tuples(st.sampled_from(["startsWith", "endsWith", "contains"]), str_expr, str_expr).map(
         lambda t: ("call", *t)
@@ -569,6 +579,8 @@ def render(tree: Any) -> str:
     if kind == "in":
         items = ", ".join(f'"{s}"' for s in tree[2])
         return f"({render(tree[1])} in [{items}])"
+    if kind == "in-exprs":
+        return f"({render(tree[1])} in [{', '.join(render(item) for item in tree[2])}])"
     if kind == "has":
         return f"has({tree[1]})"
     if kind == "call":
@@ -609,6 +621,9 @@ def interpret(tree: Any, activation: dict[str, Any]) -> Any:
         return interpret(branch, activation)
     if kind == "in":
         return interpret(tree[1], activation) in tree[2]
+    if kind == "in-exprs":
+        needle = interpret(tree[1], activation)
+        return needle in [interpret(item, activation) for item in tree[2]]
     if kind == "matches":
         return re.search(tree[2], interpret(tree[1], activation)) is not None
     if kind == "size":
