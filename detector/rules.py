@@ -23,7 +23,9 @@ Differences from full CEL, on purpose:
   entity has no history for) is false: the rule does not fire. Evaluation goes left to right
   with short-circuit ``&&``/``||``/``?:``, so ``has(by_customer.seconds_since_last) &&
   by_customer.seconds_since_last < 60`` is the way to test a value that may be missing.
-  Division by zero, likewise, makes the condition false.
+  Division by zero, likewise, makes the condition false. Unlike CEL, ``&&`` and ``||`` do not
+  absorb an error on their left: ``score > 0.9 || amount > 5000`` does not fire when there is no
+  score; write ``(has(score) && score > 0.9) || amount > 5000``.
 - ``has()`` also accepts a top-level name (``has(terminal_id)``): true when the value is present.
 
 How it is fast: the loader parses each condition into a small AST, type-checks it against the

@@ -195,6 +195,8 @@ def test_touching_a_missing_value_means_the_rule_does_not_fire(
         ("has(by_customer.seconds_since_last) && by_customer.seconds_since_last < 60", {}, True),
         ("has(by_customer.seconds_since_last)", {"by_customer": {}}, False),
         ("!has(ip_country)", {"ip_country": None}, True),
+        ("score > 0.9 || amount > 100", {"score": None}, False),
+        ("(has(score) && score > 0.9) || amount > 100", {"score": None}, True),
     ],
 )
 def test_guarded_access_to_missing_values(
@@ -731,3 +733,45 @@ def test_empty_ruleset_allows_everything() -> None:
     ruleset = parse_ruleset('version: "empty"\nrules: []\n', SCHEMA)
     assert ruleset.evaluate(BASE) == Evaluation("allow", ())
     assert ruleset.variables == frozenset()
+
+
+# ------------------------------------------------------------------------------------------
+# Agreement with a real CEL implementation (cel-python) where the languages coincide.
+
+CEL_CONDITIONS = [
+    "amount > 1000.0",
+    "by_customer.count_1h >= 5.0 && amount > 3.0 * by_customer.mean_30d",
+    "country != ip_country && amount > 500.0",
+    'merchant_category in ["7995", "6051"]',
+    "score > 0.9",
+    '!(channel == "pos") || score >= 0.5',
+    'merchant.startsWith("crypto") && merchant.endsWith("-7")',
+    'merchant.contains("exch") ? amount > 100.0 : amount > 10.0',
+    'merchant.matches("^crypto-[a-z]+") && size(country) == 2',
+    "has(by_customer.seconds_since_last) && by_customer.seconds_since_last < 30.0",
+    "(amount - by_customer.mean_30d) / by_customer.mean_30d > 2.5",
+    '-amount < -100.0 && country + ip_country == "FRFR"',
+]
+CEL_ACTIVATIONS = [
+    BASE,
+    {**BASE, "amount": 1500.0, "ip_country": "US", "score": 0.95, "merchant_category": "7995"},
+    {**BASE, "channel": "pos", "merchant": "grocer", "by_customer": {"count_1h": 1.0, "mean_30d": 500.0}},
+    {**BASE, "amount": 5.0, "country": "GB", "by_customer": {"count_1h": 9.0, "mean_30d": 1.0}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("condition", CEL_CONDITIONS)
+def test_agrees_with_cel_python_on_complete_activations(condition: str) -> None:
+    """Where every value is present, a rule fires exactly when cel-python says true."""
+    celpy = pytest.importorskip("celpy")
+    environment = celpy.Environment()
+    program = environment.program(environment.compile(condition))
+    ruleset = parse_ruleset(one_rule(condition), SCHEMA)
+    outcomes = []
+    for activation in CEL_ACTIVATIONS:
+        present = {key: value for key, value in activation.items() if value is not None}
+        expected = program.evaluate(celpy.json_to_cel(present))
+        fired = bool(ruleset.evaluate(activation).hits)
+        assert fired is (isinstance(expected, celpy.celtypes.BoolType) and bool(expected))
+        outcomes.append(fired)
+    assert len(set(outcomes)) == 2, "each condition must fire on some activations, not all"
