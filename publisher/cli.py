@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--terminals", type=_positive_int, default=10_000, help="default 10000")
     sim.add_argument("--days", type=_positive_int, default=183, help="default 183")
     sim.add_argument("--start", type=_date, default=dt.date(2018, 4, 1), help="default 2018-04-01")
+    sim.add_argument(
+        "--from-day",
+        type=_non_negative_int,
+        default=0,
+        help="start at day N of the period (earlier days are simulated, not sent): "
+        "fraud builds up over the first ~28 days (default 0)",
+    )
     sim.add_argument("--count", type=_positive_int, help="stop after N transactions")
     sim.add_argument("--duration", type=_positive_float, help="stop after SECONDS of wall time")
     pace = sim.add_mutually_exclusive_group()
@@ -212,6 +219,7 @@ def run_simulate(args: argparse.Namespace, env: Environment) -> int:
         terminals=args.terminals,
         days=args.days,
         start=args.start,
+        from_day=args.from_day,
     )
     wants_feedback = args.feedback_topic is not None or args.label_delay is not None
     if args.out is not None and wants_feedback:
@@ -220,7 +228,7 @@ def run_simulate(args: argparse.Namespace, env: Environment) -> int:
 
     if args.out is not None and not (args.rate or args.speedup or args.duration):
         return _write_files(config, args)
-    estimate = round(config.customers * 2 * config.days * _IN_DAY)
+    estimate = round(config.customers * 2 * (config.days - config.from_day) * _IN_DAY)
     total = min(args.count, estimate) if args.count else estimate
 
     def outgoing() -> Iterator[Outgoing]:

@@ -68,6 +68,9 @@ class SimulationConfig:
         customers, terminals: population sizes (book: 5,000 and 10,000).
         days: length of the period; start: its first day (book: 183 days from 2018-04-01).
         radius: a customer uses the terminals closer than this (grid is 100x100).
+        from_day: yield days from this one on. Earlier days are still simulated (not
+            formatted), so ids, compromises and labels are those of the full period: use it
+            to skip the weeks in which compromises build up to their steady rate.
         terminals_compromised_per_day, customers_compromised_per_day: None scales the
             book's 2 and 3 a day to the population.
     """
@@ -80,9 +83,14 @@ class SimulationConfig:
     radius: float = 5.0
     terminals_compromised_per_day: float | None = None
     customers_compromised_per_day: float | None = None
+    from_day: int = 0
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.from_day < max(self.days, 1):
+            problems.append(
+                f"from_day: must be in [0, {self.days - 1}] (days - 1), got {self.from_day}"
+            )
         for name in ("customers", "terminals", "days"):
             value = getattr(self, name)
             if value < 1:
@@ -457,7 +465,8 @@ def generate(config: SimulationConfig) -> Iterator[DayBatch]:
     for day in range(config.days):
         batch = simulate_day(config, population, compromises, day, first_index)
         first_index += len(batch)
-        yield batch
+        if day >= config.from_day:
+            yield batch
 
 
 def records(config: SimulationConfig) -> Iterator[SimulatedTransaction]:

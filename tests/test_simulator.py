@@ -207,3 +207,14 @@ def test_grid_search_finds_exactly_the_terminals_within_the_radius(
     for c in range(customers):
         expected = np.nonzero(d2[c] < radius**2)[0]
         assert neighbours[offsets[c] : offsets[c + 1]].tolist() == expected.tolist()
+
+
+def test_from_day_skips_days_but_keeps_their_ids() -> None:
+    """Starting at day 3 yields the same rows, ids included, as days 3+ of a full run."""
+    full = [r for r in records(SMALL) if r.event_time >= SMALL.epoch + 3 * 86_400]
+    later = SimulationConfig(seed=7, customers=300, terminals=600, days=20, from_day=3)
+    assert [r.data for r in records(later)] == [r.data for r in full]
+    with pytest.raises(
+        ConfigError, match=re.escape("from_day: must be in [0, 19] (days - 1), got 20")
+    ):
+        SimulationConfig(days=20, from_day=20)
