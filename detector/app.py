@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from detector.engine import ENTITY_VARIABLES, Detector, variable_schema
+from detector.engine import ENTITY_VARIABLES, Detector, RiskModel, variable_schema
 from detector.rules import Ruleset, default_ruleset_path, load_ruleset
 from detector.service import Service
 from detector.settings import Settings
@@ -20,13 +20,28 @@ def load_rules(settings: Settings, config: StateConfig) -> Ruleset:
     return load_ruleset(settings.rules_file or default_ruleset_path(), variable_schema(entities))
 
 
+def load_risk_model(settings: Settings) -> RiskModel | None:
+    """The configured model: MODEL_PATH, the bundled default when unset, None for "none".
+
+    Raises:
+        ModelError: the file is missing, unreadable or not a valid artifact; the function
+            must not start.
+    """
+    from detector.model import default_model_path, load_model
+
+    if settings.model_path is not None and settings.model_path.strip().lower() == "none":
+        return None
+    return load_model(settings.model_path or default_model_path())
+
+
 def build_detector(settings: Settings, store: StateStore | None = None) -> Detector:
     """The detection core as configured: rules, state (memory or Redis) and model."""
     config = StateConfig()
     rules = load_rules(settings, config)
+    model = load_risk_model(settings)
     if store is None:
         store = open_store(config, settings.redis_url)
-    return Detector(rules, store)
+    return Detector(rules, store, model)
 
 
 def build_service(settings: Settings, sink: Sink | None = None) -> Service:
