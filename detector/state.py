@@ -44,7 +44,7 @@ import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -348,35 +348,18 @@ def select(features: dict[str, float], needed: frozenset[str] | None) -> dict[st
 
 # ---------------------------------------------------------------------------------------------
 # In-process memory store
+#
+# A recorded transaction is a plain tuple (ts, transaction_id, amount, micros, terminal,
+# merchant, country): tuples of strings and numbers are untracked by the cyclic garbage
+# collector, which otherwise rescans every live record over and over (a third of the time at
+# handbook scale). Labels live in a separate dict.
 
-
-class _Tx:
-    """A recorded transaction, shared by the histories of the entities it names."""
-
-    __slots__ = (
-        "amount",
-        "country",
-        "entities",
-        "fraud",
-        "label",
-        "merchant",
-        "micro",
-        "terminal",
-        "ts",
-        "txid",
-    )
-
-    def __init__(self, event: Event) -> None:
-        self.ts = event.timestamp
-        self.txid = event.transaction_id
-        self.amount = event.amount
-        self.micro = micros(event.amount)
-        self.terminal = event.terminal
-        self.merchant = event.merchant
-        self.country = event.country
-        self.label: bool | None = None
-        self.fraud = 0
-        self.entities: list[_History] = []
+_Record = tuple[float, str, float, int, "str | None", "str | None", "str | None"]
+_TS: Final = 0
+_TXID: Final = 1
+_AMOUNT: Final = 2
+_MICRO: Final = 3
+_ATTR_INDEX = {"terminal": 4, "merchant": 5, "country": 6}
 
 
 class _History:
@@ -393,11 +376,11 @@ class _History:
 
     __slots__ = ("attrs", "base", "frauds", "last", "lasts", "peaks", "sums", "ts", "txs")
 
-    def __init__(self, attrs: tuple[str, ...]) -> None:
+    def __init__(self, attrs: tuple[int, ...]) -> None:
         self.attrs = attrs
         self.base = 0
         self.ts: list[float] = []
-        self.txs: list[_Tx] = []
+        self.txs: list[_Record] = []
         self.sums: list[int] = [0]
         self.frauds: list[int] = [0]
         self.peaks: list[int] = []
@@ -408,11 +391,13 @@ class _History:
         """List index where a transaction with this key goes (after every smaller key)."""
         index = bisect_left(self.ts, ts)
         txs, times = self.txs, self.ts
-        while index < len(times) and times[index] == ts and txs[index].txid < txid:
+        while index < len(times) and times[index] == ts and txs[index][_TXID] < txid:
             index += 1
         return index
 
-    def scan(self, index: int, ts: float, txid: str, windows: Sequence[int]) -> list[Raw]:
+    def scan(
+        self, index: int, ts: float, txid: str, windows: Sequence[int], labels: dict[str, bool]
+    ) -> list[Raw]:
         """Raw aggregates of the transactions before list index `index`, by brute force."""
         raws: list[Raw] = []
         times, txs, attrs = self.ts, self.txs, self.attrs
@@ -420,49 +405,34 @@ class _History:
             start = bisect_right(times, ts - window, 0, index)
             count = total = fraud = 0
             high = 0.0
-            seen: list[set[str]] = [set(), set(), set()]
+            seen: dict[int, set[str | None]] = {4: set(), 5: set(), 6: set()}
             for i in range(start, index):
                 tx = txs[i]
-                if tx.txid == txid:
+                if tx[_TXID] == txid:
                     continue
                 count += 1
-                total += tx.micro
-                fraud += tx.fraud
-                if tx.amount > high:
-                    high = tx.amount
-                if tx.terminal is not None:
-                    seen[0].add(tx.terminal)
-                if tx.merchant is not None:
-                    seen[1].add(tx.merchant)
-                if tx.country is not None:
-                    seen[2].add(tx.country)
-            counts = {
-                attr: len(seen[n]) for n, attr in enumerate(("terminal", "merchant", "country"))
-            }
-            raws.append(
-                (
-                    count,
-                    total,
-                    high,
-                    fraud,
-                    counts["terminal"] if "terminal" in attrs else 0,
-                    counts["merchant"] if "merchant" in attrs else 0,
-                    counts["country"] if "country" in attrs else 0,
-                )
-            )
+                total += tx[_MICRO]
+                if labels.get(tx[_TXID]):
+                    fraud += 1
+                if tx[_AMOUNT] > high:
+                    high = tx[_AMOUNT]
+                for attr in attrs:
+                    seen[attr].add(tx[attr])  # type: ignore[arg-type]
+            distinct = [len(seen[attr] - {None}) if attr in attrs else 0 for attr in (4, 5, 6)]
+            raws.append((count, total, high, fraud, distinct[0], distinct[1], distinct[2]))
         return raws
 
     def gap(self, index: int, ts: float, txid: str, lookback: float) -> float | None:
         """Seconds since the latest transaction before list index `index`, within `lookback`."""
         i = index - 1
-        while i >= 0 and self.txs[i].txid == txid:
+        while i >= 0 and self.txs[i][_TXID] == txid:
             i -= 1
         if i < 0 or self.ts[i] <= ts - lookback:
             return None
         return ts - self.ts[i]
 
-    def rebuild(self) -> None:
-        """Recompute every index from the lists (after an out-of-order insert or a trim)."""
+    def rebuild(self, labels: dict[str, bool]) -> None:
+        """Recompute every index from the lists (after an out-of-order insert)."""
         base = self.base
         sums = [0]
         frauds = [0]
@@ -470,13 +440,13 @@ class _History:
         last: list[dict[str, int]] = [{} for _ in self.attrs]
         txs = self.txs
         for i, tx in enumerate(txs):
-            sums.append(sums[-1] + tx.micro)
-            frauds.append(frauds[-1] + tx.fraud)
-            while peaks and txs[peaks[-1] - base].amount <= tx.amount:
+            sums.append(sums[-1] + tx[_MICRO])
+            frauds.append(frauds[-1] + (1 if labels.get(tx[_TXID]) else 0))
+            while peaks and txs[peaks[-1] - base][_AMOUNT] <= tx[_AMOUNT]:
                 peaks.pop()
             peaks.append(i + base)
             for n, attr in enumerate(self.attrs):
-                value = getattr(tx, attr)
+                value: str | None = tx[attr]  # type: ignore[assignment]
                 if value is not None:
                     last[n][value] = i + base
         self.sums = sums
@@ -490,27 +460,85 @@ class _History:
         drop = bisect_right(self.ts, cutoff)
         if not drop:
             return
-        for tx in self.txs[:drop]:
-            tx.entities.remove(self)
         del self.ts[:drop]
         del self.txs[:drop]
         self.base += drop
         del self.sums[:drop]
         del self.frauds[:drop]
         floor = self.base
-        self.peaks = [p for p in self.peaks if p >= floor]
+        del self.peaks[: bisect_left(self.peaks, floor)]
         for n, positions in enumerate(self.lasts):
             gone = bisect_left(positions, floor)
             if gone:
                 del positions[:gone]
                 self.last[n] = {v: p for v, p in self.last[n].items() if p >= floor}
 
-    def set_fraud(self, tx: _Tx, delta: int) -> None:
-        """Add delta to the fraud count of a transaction in this history."""
-        index = self.position(tx.ts, tx.txid)
-        frauds = self.frauds
-        for i in range(index + 1, len(frauds)):
-            frauds[i] += delta
+    def add_fraud(self, ts: float, txid: str, delta: int) -> None:
+        """Add delta to the fraud count of a transaction, if this history still holds it."""
+        index = self.position(ts, txid)
+        if index < len(self.txs) and self.txs[index][_TXID] == txid:
+            frauds = self.frauds
+            for i in range(index + 1, len(frauds)):
+                frauds[i] += delta
+
+
+class _Plan:
+    """What to compute for one entity kind given the needed features (memory fast path).
+
+    `windows` runs largest first: (seconds, count, sum, mean, max, ratio, fraud, share keys,
+    distinct keys in the kind's attribute order, "" where not needed). `template` holds the
+    values of an empty window. `keys` are the features to return, or None for all.
+    """
+
+    __slots__ = ("keys", "template", "windows")
+
+    def __init__(self, kind: str, windows: Sequence[int], needed: frozenset[str] | None) -> None:
+        names = feature_names(windows, kind)
+        self.keys = None if needed is None else tuple(sorted(names & needed))
+        wanted = names if needed is None else names & needed
+        plan = []
+        template: dict[str, float] = {}
+        for window in sorted(windows, reverse=True):
+            s = window_name(window)
+            if not {name for name in wanted if name.endswith("_" + s)}:
+                continue
+            distinct = tuple(
+                name if name in wanted else ""
+                for name in (f"{_DISTINCT_FEATURE[attr]}_{s}" for attr in _DISTINCT[kind])
+            )
+            plan.append(
+                (
+                    window,
+                    f"count_{s}",
+                    f"sum_{s}",
+                    f"mean_{s}",
+                    f"max_{s}",
+                    f"amount_ratio_{s}",
+                    f"fraud_count_{s}",
+                    f"fraud_share_{s}",
+                    distinct,
+                )
+            )
+        for window in windows:
+            s = window_name(window)
+            for name in ("count", "sum", "mean", "max", "fraud_count", "fraud_share"):
+                template[f"{name}_{s}"] = 0.0
+            for attr in _DISTINCT[kind]:
+                template[f"{_DISTINCT_FEATURE[attr]}_{s}"] = 0.0
+        self.windows = tuple(plan)
+        self.template = template
+
+    def select(self, features: dict[str, float]) -> dict[str, float]:
+        """Only the needed features."""
+        assert self.keys is not None
+        return {key: features[key] for key in self.keys if key in features}
+
+
+_Known = tuple[_Record, "str | None", "str | None", "str | None", "str | None"]
+
+_KIND_ATTRS = {
+    kind: tuple(_ATTR_INDEX[attr] for attr in attrs) for kind, attrs in _DISTINCT.items()
+}
 
 
 class MemoryStore:
@@ -526,12 +554,24 @@ class MemoryStore:
         self._lateness = self.config.allowed_lateness
         self._lookback = self._keep - self._lateness
         self._builder = FeatureBuilder(self._windows)
-        self._entities: dict[tuple[str, str], _History] = {}
-        self._txs: dict[str, _Tx] = {}
+        self._customers: dict[str, _History] = {}
+        self._cards: dict[str, _History] = {}
+        self._terminals: dict[str, _History] = {}
+        self._merchants: dict[str, _History] = {}
+        self._entities = {
+            "customer": self._customers,
+            "card": self._cards,
+            "terminal": self._terminals,
+            "merchant": self._merchants,
+        }
+        # transaction_id -> (record, customer, card, terminal, merchant)
+        self._txs: dict[str, _Known] = {}
+        self._labels: dict[str, bool] = {}
         self._watermark = float("-inf")
         # Forgetting runs when the watermark has advanced this far since the last time.
         self._sweep_every = max(self._keep / 8, 60.0)
         self._next_sweep = float("-inf")
+        self._plans: dict[frozenset[str] | None, dict[str, _Plan]] = {}
 
     def __len__(self) -> int:
         """Number of transactions remembered (for idempotency and labels)."""
@@ -540,7 +580,16 @@ class MemoryStore:
     @property
     def entity_count(self) -> int:
         """Number of entities with history in memory."""
-        return len(self._entities)
+        return sum(len(histories) for histories in self._entities.values())
+
+    def _plan(self, needed: frozenset[str] | None) -> dict[str, _Plan]:
+        """How to compute each kind's features for this `needed` (cached per set)."""
+        plans = self._plans.get(needed)
+        if plans is None:
+            plans = {kind: _Plan(kind, self._windows, needed) for kind in _DISTINCT}
+            if len(self._plans) < 64:
+                self._plans[needed] = plans
+        return plans
 
     def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
         """See `StateStore.observe`."""
@@ -558,94 +607,117 @@ class MemoryStore:
                 self._lateness,
             )
             return self._score_only(event, needed)
-        tx = _Tx(event)
-        self._txs[txid] = tx
-        features: Features = {}
         amount = event.amount
-        for kind, ident in entities_of(event):
-            history = self._entities.get((kind, ident))
+        tx: _Record = (
+            ts,
+            txid,
+            amount,
+            round(amount * MICROS),
+            event.terminal,
+            event.merchant,
+            event.country,
+        )
+        plans = self._plans.get(needed) or self._plan(needed)
+        features: Features = {}
+        for kind, ident, entities in (
+            ("customer", event.customer, self._customers),
+            ("card", event.card, self._cards),
+            ("terminal", event.terminal, self._terminals),
+            ("merchant", event.merchant, self._merchants),
+        ):
+            if ident is None:
+                continue
+            history = entities.get(ident)
             if history is None:
-                history = self._entities[(kind, ident)] = _History(_DISTINCT[kind])
-            tx.entities.append(history)
+                history = entities[ident] = _History(_KIND_ATTRS[kind])
             times = history.ts
-            if not times or ts > times[-1] or (ts == times[-1] and txid > history.txs[-1].txid):
-                raws, gap = self._append(history, tx)
+            plan = plans[kind]
+            if not times or ts > times[-1] or (ts == times[-1] and txid > history.txs[-1][_TXID]):
+                out = self._append(history, tx, plan)
             else:
                 raws, gap = self._insert(history, tx)
-            features[kind] = select(self._builder.build(kind, amount, raws, gap), needed)
+                out = self._builder.build(kind, amount, raws, gap)
+            features[kind] = out if plan.keys is None else plan.select(out)
+        self._txs[txid] = (tx, event.customer, event.card, event.terminal, event.merchant)
         if ts > self._watermark:
             self._watermark = ts
             if ts >= self._next_sweep:
                 self._sweep()
         return features
 
-    def _append(self, h: _History, tx: _Tx) -> tuple[list[Raw], float | None]:
-        """Fast path: tx comes after everything in the history."""
-        ts = tx.ts
+    def _append(self, h: _History, tx: _Record, plan: _Plan) -> dict[str, float]:
+        """Fast path: tx comes after everything in the history. Features, then record.
+
+        Same arithmetic as `FeatureBuilder.build` (the property tests compare them exactly),
+        computed from the prefix sums, peaks and last-occurrence indexes, largest window first
+        so that it stops at the first empty window (smaller ones are empty too).
+        """
+        ts = tx[0]
+        amount = tx[2]
         times = h.ts
+        n = len(times)
         base = h.base
-        end = base + len(times)
-        total_all = h.sums[-1]
-        fraud_all = h.frauds[-1]
         sums = h.sums
         frauds = h.frauds
         peaks = h.peaks
         txs = h.txs
         lasts = h.lasts
-        attrs = h.attrs
-        raws: list[Raw] = []
-        lo_abs = base
-        for window in self._windows:
-            lo = bisect_right(times, ts - window)
-            count = len(times) - lo
-            lo_abs = lo + base
-            if count:
-                for p in peaks:
-                    if p >= lo_abs:
-                        high = txs[p - base].amount
-                        break
-                distinct = [len(pos) - bisect_left(pos, lo_abs) for pos in lasts]
-                if len(attrs) == 3:
-                    raws.append(
-                        (count, total_all - sums[lo], high, fraud_all - frauds[lo], *distinct)  # type: ignore[arg-type]
-                    )
-                elif attrs[0] == "merchant":
-                    raws.append(
-                        (count, total_all - sums[lo], high, fraud_all - frauds[lo], 0, *distinct)  # type: ignore[arg-type]
-                    )
-                else:
-                    raws.append(
-                        (
-                            count,
-                            total_all - sums[lo],
-                            high,
-                            fraud_all - frauds[lo],
-                            distinct[0],
-                            0,
-                            distinct[1],
-                        )
-                    )
-            else:
-                raws.append((0, 0, 0.0, 0, 0, 0, 0))
-        gap = ts - times[-1] if times and times[-1] > ts - self._lookback else None
+        total_all = sums[-1]
+        fraud_all = frauds[-1]
+        out = plan.template.copy()
+        if n:
+            lo = 0
+            pi = 0
+            for (
+                window,
+                k_count,
+                k_sum,
+                k_mean,
+                k_max,
+                k_ratio,
+                k_fraud,
+                k_share,
+                k_distinct,
+            ) in plan.windows:
+                lo = bisect_right(times, ts - window, lo)
+                count = n - lo
+                if not count:
+                    break
+                lo_abs = lo + base
+                while peaks[pi] < lo_abs:
+                    pi += 1
+                total = (total_all - sums[lo]) / MICROS
+                mean = total / count
+                out[k_count] = float(count)
+                out[k_sum] = total
+                out[k_mean] = mean
+                out[k_max] = txs[peaks[pi] - base][2]
+                if mean > 0:
+                    out[k_ratio] = amount / mean
+                fraud = fraud_all - frauds[lo]
+                if fraud:
+                    out[k_fraud] = float(fraud)
+                    out[k_share] = fraud / count
+                for key, positions in zip(k_distinct, lasts, strict=False):
+                    if positions and key:
+                        out[key] = float(len(positions) - bisect_left(positions, lo_abs))
+            if times[-1] > ts - self._lookback:
+                out["seconds_since_last"] = ts - times[-1]
         # Record.
-        amount = tx.amount
-        while peaks and txs[peaks[-1] - base].amount <= amount:
+        end = base + n
+        while peaks and txs[peaks[-1] - base][2] <= amount:
             peaks.pop()
-        if peaks and peaks[0] < lo_abs:
-            # Peaks older than the longest window are never read again (late arrivals rebuild).
-            del peaks[: bisect_left(peaks, lo_abs)]
         peaks.append(end)
         times.append(ts)
         txs.append(tx)
-        sums.append(total_all + tx.micro)
+        sums.append(total_all + tx[3])
         frauds.append(fraud_all)
-        for n, attr in enumerate(attrs):
-            value = getattr(tx, attr)
+        for i, attr in enumerate(h.attrs):
+            value: str | None = tx[attr]  # type: ignore[assignment]
             if value is not None:
-                last = h.last[n]
+                last = h.last[i]
                 old = last.get(value)
-                positions = lasts[n]
+                positions = lasts[i]
                 if old is not None:
                     del positions[bisect_left(positions, old)]
                 positions.append(end)
@@ -654,28 +726,32 @@ class MemoryStore:
             cutoff = ts - self._keep
             if len(times) >= 64 or times[len(times) // 2] <= cutoff:
                 h.trim(cutoff)
-        return raws, gap
+        if len(peaks) > 8:
+            # Peaks older than the longest window are never read again.
+            floor = h.base + bisect_right(times, ts - self._windows[-1])
+            if peaks[0] < floor:
+                del peaks[: bisect_left(peaks, floor)]
+        return out
 
-    def _insert(self, h: _History, tx: _Tx) -> tuple[list[Raw], float | None]:
+    def _insert(self, h: _History, tx: _Record) -> tuple[list[Raw], float | None]:
         """Slow path: tx arrived after later transactions of this entity."""
-        index = h.position(tx.ts, tx.txid)
-        raws = h.scan(index, tx.ts, tx.txid, self._windows)
-        gap = h.gap(index, tx.ts, tx.txid, self._lookback)
-        h.ts.insert(index, tx.ts)
+        index = h.position(tx[_TS], tx[_TXID])
+        raws = h.scan(index, tx[_TS], tx[_TXID], self._windows, self._labels)
+        gap = h.gap(index, tx[_TS], tx[_TXID], self._lookback)
+        h.ts.insert(index, tx[_TS])
         h.txs.insert(index, tx)
-        h.rebuild()
+        h.rebuild(self._labels)
         return raws, gap
 
     def _score_only(self, event: Event, needed: frozenset[str] | None) -> Features:
         """Features of an event that is not recorded (redelivered or too late)."""
         features: Features = {}
+        ts, txid = event.timestamp, event.transaction_id
         for kind, ident in entities_of(event):
-            history = self._entities.get((kind, ident))
-            if history is None:
-                history = _History(_DISTINCT[kind])
-            index = history.position(event.timestamp, event.transaction_id)
-            raws = history.scan(index, event.timestamp, event.transaction_id, self._windows)
-            gap = history.gap(index, event.timestamp, event.transaction_id, self._lookback)
+            history = self._entities[kind].get(ident) or _History(_KIND_ATTRS[kind])
+            index = history.position(ts, txid)
+            raws = history.scan(index, ts, txid, self._windows, self._labels)
+            gap = history.gap(index, ts, txid, self._lookback)
             features[kind] = select(self._builder.build(kind, event.amount, raws, gap), needed)
         return features
 
@@ -683,48 +759,57 @@ class MemoryStore:
         """Forget transactions and entities older than the retention behind the watermark."""
         cutoff = self._watermark - self._keep
         self._next_sweep = self._watermark + self._sweep_every
-        gone = [key for key, h in self._entities.items() if h.ts[-1] <= cutoff]
-        for key in gone:
-            del self._entities[key]
-        for h in self._entities.values():
-            if h.ts[0] <= cutoff:
-                h.trim(cutoff)
+        gone = 0
+        for histories in self._entities.values():
+            stale = [key for key, h in histories.items() if h.ts[-1] <= cutoff]
+            for key in stale:
+                del histories[key]
+            gone += len(stale)
+            for h in histories.values():
+                if h.ts[0] <= cutoff:
+                    h.trim(cutoff)
         old = []
-        for txid, tx in self._txs.items():
-            if tx.ts > cutoff:
+        for txid, known in self._txs.items():
+            if known[0][_TS] > cutoff:
                 break  # roughly in event-time order: late stragglers go on a later sweep
             old.append(txid)
+        labels = self._labels
         for txid in old:
             del self._txs[txid]
+            labels.pop(txid, None)
         if gone or old:
-            log.debug("forgot %d entities and %d transactions", len(gone), len(old))
+            log.debug("forgot %d entities and %d transactions", gone, len(old))
 
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         """See `StateStore.record_label`."""
-        tx = self._txs.get(transaction_id)
-        if tx is None:
+        known = self._txs.get(transaction_id)
+        old = self._labels.get(transaction_id)
+        if known is None:
             outcome = LabelOutcome.UNKNOWN
-        elif tx.label is None:
+        elif old is None:
             outcome = LabelOutcome.APPLIED
-        elif tx.label == is_fraud:
+        elif old == is_fraud:
             outcome = LabelOutcome.DUPLICATE
         else:
             outcome = LabelOutcome.CHANGED
-        if tx is not None and outcome is not LabelOutcome.DUPLICATE:
-            tx.label = is_fraud
-            fraud = int(is_fraud)
-            delta = fraud - tx.fraud
-            tx.fraud = fraud
+        if known is not None and outcome is not LabelOutcome.DUPLICATE:
+            self._labels[transaction_id] = is_fraud
+            delta = int(is_fraud) - int(bool(old))
             if delta:
-                for h in tx.entities:
-                    h.set_fraud(tx, delta)
+                stamp = known[0][_TS]
+                for kind, ident in zip(ENTITIES, known[1:], strict=True):
+                    history = None if ident is None else self._entities[kind].get(ident)
+                    if history is not None:
+                        history.add_fraud(stamp, transaction_id, delta)
         log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
         return outcome
 
     def close(self) -> None:
         """Drop all state."""
-        self._entities.clear()
+        for histories in self._entities.values():
+            histories.clear()
         self._txs.clear()
+        self._labels.clear()
 
 
 def open_store(config: StateConfig, redis_url: str | None) -> StateStore:

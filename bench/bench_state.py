@@ -1,0 +1,233 @@
+"""Benchmark of the state stores on a synthetic stream at fraud-handbook scale.
+
+The default run follows the Fraud Detection Handbook's simulated data: 5,000 customers,
+10,000 terminals, about 9,500 transactions a day for 183 days (1.75 M). Each transaction names
+a customer, the customer's card and a terminal; 1 % arrive up to 10 minutes late; 0.8 % are
+later labelled fraudulent. Events are generated a day at a time outside the timed section.
+
+    .venv/bin/python bench/bench_state.py            # memory store, full scale
+    .venv/bin/python bench/bench_state.py --redis    # also Redis on a throwaway redis-server
+    .venv/bin/python bench/bench_state.py --quick    # seconds: the smoke test
+
+Prints per-event cost of observe() and record_label(), throughput and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from detector.state import (
+    DAY,
+    Event,
+    MemoryStore,
+    StateConfig,
+    StateError,
+    StateStore,
+    feature_names,
+)
+
+START = 1_700_000_000.0
+
+
+@dataclass(frozen=True)
+class Scale:
+    customers: int
+    terminals: int
+    per_day: int
+    days: int
+
+
+FULL = Scale(customers=5_000, terminals=10_000, per_day=9_500, days=183)
+QUICK = Scale(customers=500, terminals=1_000, per_day=2_000, days=10)
+
+
+def day_events(rng: random.Random, scale: Scale, day: int, homes: list[list[int]]) -> list[Event]:
+    """One day's transactions in arrival order: sorted by time, 1 % up to 10 min late."""
+    base = START + day * DAY
+    times = sorted(rng.uniform(0, DAY) for _ in range(scale.per_day))
+    events = []
+    for n, offset in enumerate(times):
+        customer = rng.randrange(scale.customers)
+        stamp = base + offset
+        if rng.random() < 0.01:
+            stamp -= rng.uniform(0, 600)
+        events.append(
+            Event(
+                transaction_id=f"{day}-{n}",
+                timestamp=stamp,
+                amount=round(rng.lognormvariate(3.5, 1.0), 2),
+                customer=f"C{customer}",
+                card=f"K{customer}",
+                terminal=f"T{rng.choice(homes[customer])}",
+            )
+        )
+    return events
+
+
+@dataclass
+class Result:
+    store: str
+    events: int
+    observe_seconds: float
+    labels: int
+    label_seconds: float
+    peak_rss_mb: float
+
+    def report(self) -> str:
+        per_event = self.observe_seconds / self.events * 1e6
+        per_label = self.label_seconds / self.labels * 1e6 if self.labels else 0.0
+        return (
+            f"{self.store}: {self.events} events, observe {per_event:.1f} us/event "
+            f"({self.events / self.observe_seconds:,.0f} events/s), "
+            f"record_label {per_label:.1f} us/label ({self.labels} labels), "
+            f"peak RSS {self.peak_rss_mb:.0f} MB"
+        )
+
+
+def run(
+    store: StateStore, name: str, scale: Scale, seed: int, needed: frozenset[str] | None
+) -> Result:
+    """Feed the stream through store.observe, timing observe and labels separately."""
+    rng = random.Random(seed)
+    homes = [
+        [rng.randrange(scale.terminals) for _ in range(rng.randint(5, 20))]
+        for _ in range(scale.customers)
+    ]
+    observe_time = label_time = 0.0
+    events = labels = 0
+    pending: list[str] = []
+    clock = time.process_time  # CPU time: the machine may be shared
+    checked = False
+    for day in range(scale.days):
+        batch = day_events(rng, scale, day, homes)
+        observe = store.observe
+        started = clock()
+        for event in batch:
+            observe(event, needed)
+        observe_time += clock() - started
+        events += len(batch)
+        if not checked and day >= 1:
+            features = store.observe(batch[-1], needed)  # a redelivery: sanity check
+            if features["customer"].get("count_30d", 1.0) < 0:
+                raise StateError("negative count")
+            checked = True
+        # Yesterday's fraud reports arrive today.
+        started = clock()
+        for txid in pending:
+            store.record_label(txid, True)
+        label_time += clock() - started
+        labels += len(pending)
+        pending = [e.transaction_id for e in batch if rng.random() < 0.008]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return Result(name, events, observe_time, labels, label_time, peak)
+
+
+@contextlib.contextmanager
+def throwaway_redis() -> Iterator[str]:
+    """A redis-server without persistence in its own process group, killed on exit."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StateError("redis-server is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as workdir:
+        process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                    break
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            import os
+
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small stream: seconds, not minutes")
+    parser.add_argument("--days", type=int, help="days of stream (default 183, quick 10)")
+    parser.add_argument("--redis", action="store_true", help="also measure the Redis store")
+    parser.add_argument("--redis-url", help="measure Redis at this URL instead of a throwaway")
+    parser.add_argument("--redis-days", type=int, default=3, help="days fed to Redis (default 3)")
+    parser.add_argument(
+        "--needed",
+        help="comma-separated feature names the rules use (default: all features)",
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    scale = QUICK if args.quick else FULL
+    if args.days:
+        scale = Scale(scale.customers, scale.terminals, scale.per_day, args.days)
+    config = StateConfig()
+    needed = None
+    if args.needed:
+        needed = frozenset(name.strip() for name in args.needed.split(","))
+        unknown = needed - feature_names(config.windows)
+        if unknown:
+            print(f"error: --needed: unknown features {sorted(unknown)}", file=sys.stderr)
+            return 2
+    try:
+        print(
+            f"stream: {scale.customers} customers, {scale.terminals} terminals, "
+            f"{scale.per_day}/day for {scale.days} days; entities customer+card+terminal; "
+            f"windows {config.windows}; needed={'all' if needed is None else len(needed)}"
+        )
+        result = run(MemoryStore(config), "memory", scale, args.seed, needed)
+        print(result.report())
+        if args.redis or args.redis_url:
+            from detector.redis_store import RedisStore
+
+            redis_scale = Scale(
+                scale.customers, scale.terminals, scale.per_day, min(args.redis_days, scale.days)
+            )
+            with contextlib.ExitStack() as stack:
+                url = args.redis_url or stack.enter_context(throwaway_redis())
+                store = RedisStore(config, url, prefix=f"bench-{time.time_ns()}:")
+                try:
+                    print(run(store, "redis", redis_scale, args.seed, needed).report())
+                finally:
+                    store.close()
+    except StateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
