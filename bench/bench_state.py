@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import random
 import resource
 import shutil
@@ -137,6 +138,24 @@ def run(
     return Result(name, events, observe_time, labels, label_time, peak)
 
 
+def reference_ns() -> float:
+    """CPU ns per dict item store in a plain loop: how fast Python runs here right now.
+
+    Printed with the results so runs on a busy (shared) machine can be compared; an idle
+    modern x86 core does this in about 20 ns.
+    """
+    keys = tuple(f"feature_{i}" for i in range(40))
+    best = math.inf
+    for _ in range(5):
+        started = time.process_time()
+        for _ in range(5_000):
+            out = {}
+            for key in keys:
+                out[key] = 1.0
+        best = min(best, time.process_time() - started)
+    return best / (5_000 * len(keys)) * 1e9
+
+
 @contextlib.contextmanager
 def throwaway_redis() -> Iterator[str]:
     """A redis-server without persistence in its own process group, killed on exit."""
@@ -208,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{scale.per_day}/day for {scale.days} days; entities customer+card+terminal; "
             f"windows {config.windows}; needed={'all' if needed is None else len(needed)}"
         )
+        print(f"reference: {reference_ns():.0f} ns per dict store (idle machine: about 20 ns)")
         result = run(MemoryStore(config), "memory", scale, args.seed, needed)
         print(result.report())
+        print(f"reference: {reference_ns():.0f} ns per dict store after the run")
         if args.redis or args.redis_url:
             from detector.redis_store import RedisStore
 
