@@ -1,6 +1,8 @@
 """`python -m detector`: offline tools around the detection core.
 
     schemas   write (or --check) the schema files in schemas/
+    replay    backtest: run the detector over a file of transactions (detector/replay.py)
+    train     train the risk model from a file of transactions (detector/train.py)
 
 Each command lives in its own module and registers itself in COMMANDS; user mistakes end
 as one line `error: ...` and exit status 2, never a traceback.
@@ -42,24 +44,18 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
 ]
 
 
-def _register_optional() -> None:
-    # Commands whose modules may pull heavier dependencies register themselves here.
-    for module in ("detector.replay", "detector.train"):
-        try:
-            imported = __import__(module, fromlist=["add_command"])
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
-            continue
-        COMMANDS.append(imported.add_command)
+def _commands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
+    """COMMANDS plus replay and train (imported here: they are not needed by the functions)."""
+    from detector import replay, train
+
+    return [*COMMANDS, replay.add_command, train.add_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
-    _register_optional()
     parser = argparse.ArgumentParser(prog="python -m detector", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
+    for add in _commands():
         add(commands)
     args = parser.parse_args(argv)
     try:
