@@ -204,6 +204,12 @@ def _pacer(args: argparse.Namespace) -> Pacer:
     return Unpaced()
 
 
+def _estimate(config: SimulationConfig, count: int | None) -> int:
+    """About how many transactions a run sends, for the progress bar's ETA."""
+    estimate = round(config.customers * 2 * (config.days - config.from_day) * _IN_DAY)
+    return min(count, estimate) if count else estimate
+
+
 def _summary_line(verb: str, summary: StreamSummary, where: str) -> str:
     stopped = "" if summary.stopped_by in ("end", "count") else f", stopped by {summary.stopped_by}"
     return (
@@ -228,8 +234,7 @@ def run_simulate(args: argparse.Namespace, env: Environment) -> int:
 
     if args.out is not None and not (args.rate or args.speedup or args.duration):
         return _write_files(config, args)
-    estimate = round(config.customers * 2 * (config.days - config.from_day) * _IN_DAY)
-    total = min(args.count, estimate) if args.count else estimate
+    total = _estimate(config, args.count)
 
     def outgoing() -> Iterator[Outgoing]:
         for record in records(config):
@@ -303,10 +308,13 @@ def _write_files(config: SimulationConfig, args: argparse.Namespace) -> int:
         labels = None
         if args.labels is not None:
             labels = stack.enter_context(_open_for_write(args.labels, "--labels"))
+        progress = Progress("simulate", _estimate(config, args.count))
         try:
-            written, frauds = write_jsonl(config, out, labels, args.count)
+            written, frauds = write_jsonl(config, out, labels, args.count, progress.update)
         except OSError as error:
             raise OutputError(f"--out/--labels: write failed: {error.strerror}") from error
+        finally:
+            progress.close()
     seconds = time.monotonic() - started
     line = (
         f"wrote {written:,} transactions to {args.out} in {seconds:.1f} s "

@@ -28,6 +28,8 @@ class Progress:
         """Record that `count` items are done; redraw if enough time has passed."""
         self._count = count
         self._extra = extra
+        if self._total is not None and count > self._total:
+            self._total = count  # the total was an estimate
         if not self.enabled:
             return
         now = time.monotonic()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -480,10 +480,12 @@ def write_jsonl(
     out: IO[bytes],
     labels: IO[bytes] | None = None,
     count: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
     """Write the first `count` transactions (all if None), and their labels, as JSON lines.
 
-    The fast path for files: whole days are formatted and written at once.
+    The fast path for files: whole days are formatted and written at once. `progress` is
+    called with the number of rows written so far after each day.
 
     Returns:
         (transactions written, of which fraud).
@@ -498,6 +500,8 @@ def write_jsonl(
             labels.write(b"\n".join(label_lines) + b"\n" if label_lines else b"")
         written += rows
         frauds += int(batch.is_fraud[:rows].sum())
+        if progress is not None:
+            progress(written)
         if count is not None and written >= count:
             break
     return written, frauds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from publisher.cli import parse_delay, read_messages
 from publisher.errors import InputError, OutputError
 from publisher.pacing import RatePacer, SpeedupPacer
+from publisher.progress import Progress
 from publisher.publish import FileSink, MemorySink, Outgoing, StreamOptions, stream
 
 
@@ -160,3 +162,31 @@ def test_read_messages_names_the_bad_line(tmp_path: Path, content: bytes, messag
     path.write_bytes(content)
     with pytest.raises(InputError, match=re.escape(f"{path}{message}")):
         list(read_messages(path))
+
+
+class TerminalStream(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_silent_when_not_a_terminal() -> None:
+    """Piped or redirected output gets no progress bar at all."""
+    stream_ = io.StringIO()
+    progress = Progress("simulate", 100, stream_)
+    for n in range(1, 101):
+        progress.update(n)
+    progress.close()
+    assert stream_.getvalue() == ""
+
+
+def test_progress_shows_count_rate_and_eta_on_a_terminal() -> None:
+    """On a terminal the line has done/total, percent, a rate and, until done, an ETA."""
+    terminal = TerminalStream()
+    progress = Progress("simulate", 1000, terminal)
+    progress.update(10)
+    first = terminal.getvalue()
+    assert re.search(r"\rsimulate: 10/1,000 \(1%\)  [\d,]+/s  0:00  ETA \d+:\d\d", first)
+    progress.close()
+    assert terminal.getvalue().endswith("\n")

@@ -158,10 +158,18 @@ def test_help_lists_the_contract_options() -> None:
 
 
 @pytest.mark.integration
-def test_unreachable_emulator_is_one_line() -> None:
-    """A PUBSUB_EMULATOR_HOST where nothing listens is named in the error."""
+@pytest.mark.parametrize("command", ["simulate", "replay", "watch"])
+def test_unreachable_emulator_is_one_line(command: str, tmp_path: Path) -> None:
+    """A PUBSUB_EMULATOR_HOST where nothing listens is named in the error, for each command."""
     host = f"127.0.0.1:{services.free_port()}"
-    result = run("simulate", *SMALL, "--project", "p", env={"PUBSUB_EMULATOR_HOST": host})
+    recorded = tmp_path / "recorded.jsonl"
+    recorded.write_text('{"amount": 1, "customer_id": "c"}\n')
+    args = {
+        "simulate": ["simulate", *SMALL],
+        "replay": ["replay", str(recorded)],
+        "watch": ["watch", "--subscription", "verdicts"],
+    }[command]
+    result = run(*args, "--project", "p", env={"PUBSUB_EMULATOR_HOST": host})
     assert_one_line_error(result, "cannot reach Pub/Sub", f"emulator at {host}")
 
 
