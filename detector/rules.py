@@ -547,11 +547,25 @@ def _parse(source: str) -> _Node:
 
 @dataclass(slots=True)
 class _Compiled:
-    """One condition as Python source, its type and the variables it reads."""
+    """One (sub)condition as Python source, its type, and what a missing variable does to it.
+
+    The three sets are sound, not complete: a variable listed is certain to have that effect.
+    They let the evaluator skip a rule with an identity test instead of raising and catching.
+    """
 
     code: str
     type: str  # number | string | bool | null | list[T] | list[any]
-    must: frozenset[str]  # variables every evaluation touches (before any short-circuit)
+    must: frozenset[str]  # if one of these is missing, evaluating this raises
+    not_true_set: frozenset[str] | None = None  # ... the value is not true (false or raises)
+    not_false_set: frozenset[str] | None = None  # ... the value is not false (true or raises)
+
+    @property
+    def not_true(self) -> frozenset[str]:
+        return self.must if self.not_true_set is None else self.not_true_set
+
+    @property
+    def not_false(self) -> frozenset[str]:
+        return self.must if self.not_false_set is None else self.not_false_set
 
 
 @dataclass(slots=True)
@@ -562,6 +576,7 @@ class _Context:
     locals: dict[str, str] = field(default_factory=dict)
     namespace: dict[str, object] = field(default_factory=dict)
     referenced: set[str] = field(default_factory=set)
+    tested: set[str] = field(default_factory=set)  # variables some has() looks at
 
     def variable(self, name: str) -> str:
         if name not in self.locals:
@@ -644,8 +659,11 @@ def _compile(node: _Node, ctx: _Context) -> _Compiled:
         wanted = "bool" if node.op == "!" else "number"
         if operand.type != wanted:
             raise _SyntaxProblem(f"operator {node.op} needs a {wanted}, got {operand.type}")
-        op = "not " if node.op == "!" else "-"
-        return _Compiled(f"({op}{operand.code})", wanted, operand.must)
+        if node.op == "-":
+            return _Compiled(f"(-{operand.code})", wanted, operand.must)
+        return _Compiled(
+            f"(not {operand.code})", wanted, operand.must, operand.not_false, operand.not_true
+        )
     if isinstance(node, _Binary):
         return _compile_binary(node, ctx)
     if isinstance(node, _Cond):
@@ -657,7 +675,13 @@ def _compile(node: _Node, ctx: _Context) -> _Compiled:
             raise _SyntaxProblem(
                 f"branches of ?: have different types: {then.type} and {other.type}"
             )
-        return _Compiled(f"({then.code} if {test.code} else {other.code})", branches, test.must)
+        return _Compiled(
+            f"({then.code} if {test.code} else {other.code})",
+            branches,
+            test.must | (then.must & other.must),
+            test.must | (then.not_true & other.not_true),
+            test.must | (then.not_false & other.not_false),
+        )
     if isinstance(node, _List):
         items = [_compile(item, ctx) for item in node.items]
         kind = "any"
@@ -694,8 +718,22 @@ def _compile_binary(node: _Binary, ctx: _Context) -> _Compiled:
     if op in ("&&", "||"):
         if left.type != "bool" or right.type != "bool":
             raise _SyntaxProblem(f"operator {op} needs bools, got {pair}")
-        word = "and" if op == "&&" else "or"
-        return _Compiled(f"({left.code} {word} {right.code})", "bool", left.must)
+        # Python's short-circuit: the left side is always evaluated, the right one maybe.
+        if op == "&&":
+            return _Compiled(
+                f"({left.code} and {right.code})",
+                "bool",
+                left.must,
+                left.not_true | right.not_true,
+                left.must | (left.not_false & right.not_false),
+            )
+        return _Compiled(
+            f"({left.code} or {right.code})",
+            "bool",
+            left.must,
+            left.must | (left.not_true & right.not_true),
+            left.not_false | right.not_false,
+        )
     if op in ("==", "!="):
         if not (left.type == right.type or "null" in (left.type, right.type)):
             raise _SyntaxProblem(f"cannot compare {pair}")
@@ -742,6 +780,7 @@ def _compile_call(node: _Call, ctx: _Context) -> _Compiled:
         if len(node.args) != 1 or not isinstance(node.args[0], _Ident | _Select):
             raise _SyntaxProblem("has() takes one field, e.g. has(by_customer.seconds_since_last)")
         variable, _ = _variable_name(node.args[0], ctx.schema)
+        ctx.tested.add(variable)
         return _Compiled(f"({ctx.variable(variable)} is not M)", "bool", frozenset())
     if name == "size":
         operands = ([node.target] if node.target is not None else []) + list(node.args)
@@ -1017,21 +1056,35 @@ def _build(
     # Most severe first, file order within one action: fired indices come out in verdict order.
     ordered = sorted(range(len(compiled)), key=lambda i: (_SEVERITY[compiled[i][0].action], i))
     lines = ["def evaluate(a):", "    get = a.get"]
+    # A variable every rule using it guards (the rule cannot fire without it) never reaches
+    # the rule's code when missing: it can stay None and skip the sentinel. The others
+    # (touched conditionally, or tested by has()) are the raising sentinel M when missing.
+    plain = {
+        name
+        for name in ctx.locals
+        if name not in ctx.tested
+        and all(name in result.not_true for rule, result, _ in compiled if name in rule.variables)
+    }
     maps: dict[str, str] = {}
     for name, local in ctx.locals.items():
+        default = "" if name in plain else ", M"
         if "." in name:
             top, leaf = name.split(".", 1)
             if top not in maps:
                 maps[top] = f"m{len(maps)}"
                 lines.append(f"    {maps[top]} = get({top!r}) or EMPTY")
-            lines.append(f"    {local} = {maps[top]}.get({leaf!r}, M)")
+            lines.append(f"    {local} = {maps[top]}.get({leaf!r}{default})")
         else:
-            lines.append(f"    {local} = get({name!r}, M)")
-        lines.append(f"    if {local} is None: {local} = M")
+            lines.append(f"    {local} = get({name!r}{default})")
+        if name not in plain:
+            lines.append(f"    if {local} is None: {local} = M")
     lines.append("    fired = []")
     for position, index in enumerate(ordered):
         rule, result, _ = compiled[index]
-        guard = " and ".join(f"{ctx.locals[name]} is not M" for name in sorted(result.must))
+        guard = " and ".join(
+            f"{ctx.locals[name]} is not {'None' if name in plain else 'M'}"
+            for name in sorted(result.not_true)
+        )
         indent = "    "
         lines.append(f"    # {rule.id!r}")
         if guard:

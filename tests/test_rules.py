@@ -541,13 +541,14 @@ bool_leaf = st.one_of(
     st.tuples(st.sampled_from(["==", "!=", "<"]), str_expr, str_expr).map(lambda t: ("op", *t)),
     st.tuples(str_expr, st.lists(st.sampled_from(STRINGS), max_size=3)).map(lambda t: ("in", *t)),
     st.tuples(num_expr, st.lists(num_expr, max_size=3)).map(lambda t: ("in-exprs", *t)),
-    st.sampled_from(NUMBER_VARS + STRING_VARS).map(lambda v: ("has", v)),
+    st.sampled_from([*NUMBER_VARS, *STRING_VARS, "flag"]).map(lambda v: ("has", v)),
     st.tuples(st.sampled_from(["startsWith", "endsWith", "contains"]), str_expr, str_expr).map(
         lambda t: ("call", *t)
     ),
     st.tuples(str_expr, st.sampled_from(["^F", "S$", "n"])).map(lambda t: ("matches", *t)),
     st.tuples(str_expr, num_expr).map(lambda t: ("size", *t)),
     st.booleans().map(lambda v: ("lit", v)),
+    st.just(("var", "flag")),
 )
 bool_expr = st.recursive(
     bool_leaf,
@@ -671,6 +672,7 @@ activations = st.fixed_dictionaries(
         "country": maybe(st.sampled_from(STRINGS)),
         "ip_country": maybe(st.sampled_from(STRINGS)),
         "channel": maybe(st.sampled_from(STRINGS)),
+        "flag": maybe(st.booleans()),
         "by_customer": st.one_of(
             st.none(),
             st.fixed_dictionaries(
