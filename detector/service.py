@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detector.engine import Detector, Verdict
 from detector.errors import InvalidMessage, InvalidTransaction, MessageError
@@ -72,13 +72,24 @@ def parse_envelope(envelope: Any) -> Message:
     )
 
 
-class Label(BaseModel):
-    """A fraud label (chargeback, analyst decision) for a transaction seen earlier."""
+@functools.cache
+def label_model() -> Any:
+    """The pydantic model of a fraud label (chargeback, analyst decision), built on first use.
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    pydantic is imported here, not at module level: it costs about 50 ms of every function's
+    cold start, and only `record_feedback` reads labels.
+    """
+    from pydantic import BaseModel, ConfigDict, Field
 
-    transaction_id: str = Field(min_length=1, strict=True)
-    is_fraud: bool = Field(strict=True)
+    class Label(BaseModel):
+        """A fraud label for a transaction seen earlier."""
+
+        model_config = ConfigDict(frozen=True, extra="ignore")
+
+        transaction_id: str = Field(min_length=1, strict=True)
+        is_fraud: bool = Field(strict=True)
+
+    return Label
 
 
 class InvalidLabel(MessageError):
@@ -186,8 +197,10 @@ class Service:
         except InvalidMessage as error:
             self.dead_letter(Message(data=orjson.dumps(envelope, default=str)), error)
             return None
+        from pydantic import ValidationError
+
         try:
-            label = Label.model_validate_json(message.data)
+            label = label_model().model_validate_json(message.data)
         except ValidationError as error:
             problems = "; ".join(
                 f"{'.'.join(map(str, item['loc'])) or 'data'}: {item['msg']}"

@@ -1,20 +1,19 @@
 """Decoding and validation of transactions: bytes in, a frozen `Transaction` out.
 
-The detector keeps the object it received (`Transaction.raw`) so the verdict can echo the
+The detector keeps the object it received (the dict `decode` returns) so the verdict can echo the
 transaction's fields exactly as sent, including unknown ones; validation only reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any
+from typing import Any, ClassVar, NamedTuple
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from detector.errors import InvalidJSON, InvalidTransaction
 
@@ -24,6 +23,9 @@ VERDICT_FIELDS = frozenset(
 )
 
 _DECIMAL = re.compile(r"\s*[0-9]+(\.[0-9]+)?\s*")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+#: Limit of every text field (`customer_id`, `merchant`...), in characters.
+TEXT_MAX = 256
 
 
 def _amount(value: Any) -> float:
@@ -59,78 +61,117 @@ def _timestamp(value: Any) -> datetime:
     return parsed
 
 
-Amount = Annotated[
-    float,
-    BeforeValidator(_amount),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"},
-            ],
-            "description": "Amount in the currency's major unit: a JSON number or a decimal string.",
-        }
-    ),
-]
-Timestamp = Annotated[
-    datetime,
-    BeforeValidator(_timestamp),
-    WithJsonSchema({"type": "string", "format": "date-time", "description": "RFC 3339."}),
-]
-Text = Annotated[str, Field(min_length=1, max_length=256, strict=True)]
+def _text_problem(value: Any) -> str | None:
+    """Why value is not a valid text field (a string of 1 to TEXT_MAX characters), or None."""
+    if not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    if not value:
+        return f"must not be empty, got {value!r}"
+    if len(value) > TEXT_MAX:
+        return f"must be at most {TEXT_MAX} characters, got {value!r}"
+    return None
 
 
-class Transaction(BaseModel):
-    """A validated payment transaction.
+class _Fields(NamedTuple):
+    """The fields of `Transaction` (a NamedTuple body cannot hold class variables)."""
+
+    amount: float
+    customer_id: str
+    transaction_id: str | None = None
+    currency: str = "USD"
+    timestamp: datetime | None = None
+    merchant: str | None = None
+    card_id: str | None = None
+    terminal_id: str | None = None
+    merchant_category: str | None = None
+    country: str | None = None
+    ip_country: str | None = None
+    channel: str | None = None
+
+
+class Transaction(_Fields):
+    """A validated payment transaction (build it with `validate`); immutable.
 
     Only the fields the detector reads are typed here; any other field of the message is
-    accepted and travels unchanged in `raw`.
+    accepted and travels unchanged in the object as received.
+
+    Validation is hand-written rather than a pydantic model: importing pydantic and building
+    the model took about 150 ms of the function's cold start, for a check that takes a few
+    microseconds. `Transaction.model_json_schema()` still comes from an equivalent pydantic
+    model, built on demand for the schema files (`detector.schemas`), and a property test
+    holds both to the same verdicts. A NamedTuple rather than a frozen dataclass: it is
+    built once per transaction, and a frozen dataclass's ``__init__`` cost more than the
+    whole validation.
     """
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    __slots__ = ()
 
-    amount: Amount
-    customer_id: Text
-    transaction_id: Text | None = None
-    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$", strict=True)] = "USD"
-    timestamp: Timestamp | None = None
-    merchant: Text | None = None
-    card_id: Text | None = None
-    terminal_id: Text | None = None
-    merchant_category: Text | None = None
-    country: Text | None = None
-    ip_country: Text | None = None
-    channel: Text | None = None
+    #: Field names in declaration order (the order problems are reported in).
+    model_fields: ClassVar[tuple[str, ...]] = _Fields._fields
+
+    @classmethod
+    def model_json_schema(cls) -> dict[str, Any]:
+        """JSON Schema of a transaction, as pydantic generates it from `schema_model`."""
+        schema: dict[str, Any] = schema_model().model_json_schema()
+        return schema
 
 
-_MESSAGES = {
-    "missing": "is required",
-    "string_type": "must be a string",
-    "string_too_short": "must not be empty",
-    "string_too_long": "must be at most {max_length} characters",
-    "string_pattern_mismatch": "must match {pattern}",
-}
-_FIELD_MESSAGES = {
-    ("currency", "string_pattern_mismatch"): "must be an ISO 4217 code of 3 capital letters",
-}
+#: The optional text fields after `timestamp`, in declaration order.
+_TEXT_FIELDS = Transaction._fields[5:]
+_new = tuple.__new__
 
 
-def _problem(error: Mapping[str, Any]) -> str:
-    kind = error["type"]
-    if kind == "value_error":
-        # Our own validators: the text after pydantic's "Value error, " prefix.
-        return str(error["ctx"]["error"])
-    template = _FIELD_MESSAGES.get((_field(error["loc"]), kind)) or _MESSAGES.get(kind)
-    if template is None:
-        return str(error["msg"])
-    text = template.format(**error.get("ctx", {}))
-    if kind != "missing":
-        text += f", got {error['input']!r}"
-    return text
+@functools.cache
+def schema_model() -> Any:
+    """A pydantic model equivalent to `validate`, for JSON Schema generation only.
 
+    Built on first use so that the functions never import pydantic for transactions.
+    """
+    from typing import Annotated
 
-def _field(location: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in location) or "(message)"
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+    amount_type = Annotated[
+        float,
+        BeforeValidator(_amount),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "number", "minimum": 0},
+                    {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"},
+                ],
+                "description": "Amount in the currency's major unit: a JSON number or a "
+                "decimal string.",
+            }
+        ),
+    ]
+    timestamp_type = Annotated[
+        datetime,
+        BeforeValidator(_timestamp),
+        WithJsonSchema({"type": "string", "format": "date-time", "description": "RFC 3339."}),
+    ]
+    text = Annotated[str, Field(min_length=1, max_length=TEXT_MAX, strict=True)]
+    currency_type = Annotated[str, Field(pattern=r"^[A-Z]{3}$", strict=True)]
+
+    class Transaction(BaseModel):
+        """A validated payment transaction."""
+
+        model_config = ConfigDict(frozen=True, extra="ignore")
+
+        amount: amount_type
+        customer_id: text
+        transaction_id: text | None = None
+        currency: currency_type = "USD"
+        timestamp: timestamp_type | None = None
+        merchant: text | None = None
+        card_id: text | None = None
+        terminal_id: text | None = None
+        merchant_category: text | None = None
+        country: text | None = None
+        ip_country: text | None = None
+        channel: text | None = None
+
+    return Transaction
 
 
 def parse_json(data: bytes) -> dict[str, Any]:
@@ -152,21 +193,51 @@ def validate(raw: dict[str, Any]) -> Transaction:
     """Validate a parsed transaction object, reporting every problem at once.
 
     Raises:
-        InvalidTransaction: with one (field, problem) pair per invalid field.
+        InvalidTransaction: with one (field, problem) pair per invalid field: reserved verdict
+            fields first, in input order, then the transaction's fields in declaration order.
     """
     problems: list[tuple[str, str]] = [
         (name, "is a verdict field and cannot be set by a transaction")
         for name in raw
         if name in VERDICT_FIELDS
     ]
-    try:
-        transaction = Transaction.model_validate(raw)
-    except ValidationError as error:
-        problems.extend((_field(item["loc"]), _problem(item)) for item in error.errors())
-        raise InvalidTransaction(problems) from None
+    get = raw.get
+    amount = 0.0
+    if "amount" in raw:
+        try:
+            amount = _amount(raw["amount"])
+        except ValueError as error:
+            problems.append(("amount", str(error)))
+    else:
+        problems.append(("amount", "is required"))
+    customer_id: Any = get("customer_id")
+    if customer_id is None and "customer_id" not in raw:
+        problems.append(("customer_id", "is required"))
+    elif problem := _text_problem(customer_id):
+        problems.append(("customer_id", problem))
+    transaction_id = get("transaction_id")
+    if transaction_id is not None and (problem := _text_problem(transaction_id)):
+        problems.append(("transaction_id", problem))
+    currency = get("currency", "USD")
+    if not isinstance(currency, str):
+        problems.append(("currency", f"must be a string, got {currency!r}"))
+    elif not _CURRENCY.fullmatch(currency):
+        problems.append(
+            ("currency", f"must be an ISO 4217 code of 3 capital letters, got {currency!r}")
+        )
+    timestamp = get("timestamp")
+    if timestamp is not None:
+        try:
+            timestamp = _timestamp(timestamp)
+        except ValueError as error:
+            problems.append(("timestamp", str(error)))
+    texts = [get(name) for name in _TEXT_FIELDS]
+    for name, value in zip(_TEXT_FIELDS, texts, strict=True):
+        if value is not None and (problem := _text_problem(value)):
+            problems.append((name, problem))
     if problems:
         raise InvalidTransaction(problems)
-    return transaction
+    return _new(Transaction, (amount, customer_id, transaction_id, currency, timestamp, *texts))
 
 
 #: Avro type names that wrap a union's value in Avro's JSON encoding: {"string": "XYZ"}.
