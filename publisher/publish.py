@@ -121,25 +121,42 @@ def topic_path(project: str, name: str) -> str:
     return name if name.startswith("projects/") else f"projects/{project}/topics/{name}"
 
 
-def check_topic(client: Any, path: str, option: str, emulator_host: str | None) -> str:
-    """Fetch the topic once; raise PubSubError if it is missing or Pub/Sub is unreachable."""
+def client_error(error: Exception, emulator_host: str | None) -> PubSubError:
+    """The error to raise when a Pub/Sub client cannot be created (no credentials...)."""
+    hint = "" if emulator_host else "; set PUBSUB_EMULATOR_HOST to use the emulator"
+    return PubSubError(
+        f"cannot create a Pub/Sub client for {describe_target(emulator_host)}{hint}: {error}"
+    )
+
+
+def check_exists(
+    get: Callable[..., Any], kind: str, path: str, option: str, emulator_host: str | None
+) -> str:
+    """Fetch a topic or subscription once; raise PubSubError if missing or unreachable.
+
+    Args:
+        get: the client's get_topic or get_subscription, called as get(path, retry, timeout).
+        kind: "topic" or "subscription", for the message.
+    """
     from google.api_core import exceptions, retry
+    from google.auth.exceptions import GoogleAuthError
 
     try:
-        client.get_topic(
-            topic=path, retry=retry.Retry(timeout=CHECK_TIMEOUT), timeout=CHECK_TIMEOUT
-        )
+        get(path, retry=retry.Retry(timeout=CHECK_TIMEOUT), timeout=CHECK_TIMEOUT)
     except exceptions.NotFound as error:
-        raise PubSubError(f"{option}: topic {path} does not exist") from error
-    except (exceptions.GoogleAPICallError, exceptions.RetryError) as error:
+        raise PubSubError(f"{option}: {kind} {path} does not exist") from error
+    except (exceptions.GoogleAPICallError, exceptions.RetryError, GoogleAuthError) as error:
         raise PubSubError(
             f"cannot reach Pub/Sub ({describe_target(emulator_host)}): {error}"
         ) from error
-    except Exception as error:  # credential lookups raise google.auth's own types
-        raise PubSubError(
-            f"cannot use Pub/Sub ({describe_target(emulator_host)}): {error}"
-        ) from error
     return path
+
+
+def check_topic(client: Any, path: str, option: str, emulator_host: str | None) -> str:
+    """Raise PubSubError unless the topic exists; returns its path."""
+    return check_exists(
+        lambda p, **kw: client.get_topic(topic=p, **kw), "topic", path, option, emulator_host
+    )
 
 
 class _Counts:
@@ -192,6 +209,7 @@ class LibraryPublisher:
 
     def __init__(self, project: str, emulator_host: str | None = None) -> None:
         # Imported here: the client pulls in gRPC, which `--out` runs never need.
+        from google.auth.exceptions import GoogleAuthError
         from google.cloud import pubsub_v1
         from google.cloud.pubsub_v1 import types
 
@@ -212,8 +230,8 @@ class LibraryPublisher:
                     )
                 ),
             )
-        except Exception as error:  # credential lookups raise google.auth's own types
-            raise PubSubError(f"cannot create a Pub/Sub client: {error}") from error
+        except GoogleAuthError as error:
+            raise client_error(error, emulator_host) from error
         self._counts = _Counts()
 
     sent = property(lambda self: self._counts.sent)
@@ -263,6 +281,7 @@ class BatchPublisher:
         max_batches_in_flight: int = FLOW_MESSAGE_LIMIT // BATCH_MAX_MESSAGES,
         threads: int = 4,
     ) -> None:
+        from google.auth.exceptions import GoogleAuthError
         from google.pubsub_v1 import PublisherClient, types
 
         self.project = project
@@ -277,8 +296,8 @@ class BatchPublisher:
                 )
             else:
                 self._client = PublisherClient()
-        except Exception as error:  # credential lookups raise google.auth's own types
-            raise PubSubError(f"cannot create a Pub/Sub client: {error}") from error
+        except GoogleAuthError as error:
+            raise client_error(error, emulator_host) from error
         self._message = types.PubsubMessage.pb()
         self._request = types.PublishRequest
         self._max_messages = max_messages

@@ -16,6 +16,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,35 +273,29 @@ def watch(
     Raises:
         PubSubError: the subscription does not exist or Pub/Sub cannot be reached.
     """
-    from google.api_core import exceptions, retry
+    from google.api_core import exceptions
+    from google.auth.exceptions import GoogleAuthError
     from google.cloud import pubsub_v1
     from google.cloud.pubsub_v1 import types
 
-    from publisher.publish import CHECK_TIMEOUT, describe_target
+    from publisher.publish import check_exists, client_error
 
     try:
         subscriber = pubsub_v1.SubscriberClient()
-    except Exception as error:  # google.auth raises several unrelated types here
-        raise PubSubError(f"cannot create a Pub/Sub client: {error}") from error
+    except GoogleAuthError as error:
+        raise client_error(error, emulator_host) from error
     path = (
         subscription
         if subscription.startswith("projects/")
         else subscriber.subscription_path(project, subscription)
     )
-    try:
-        subscriber.get_subscription(
-            subscription=path, retry=retry.Retry(timeout=CHECK_TIMEOUT), timeout=CHECK_TIMEOUT
-        )
-    except exceptions.NotFound as error:
-        raise PubSubError(f"--subscription: subscription {path} does not exist") from error
-    except (exceptions.GoogleAPICallError, exceptions.RetryError) as error:
-        raise PubSubError(
-            f"cannot reach Pub/Sub ({describe_target(emulator_host)}): {error}"
-        ) from error
-    except Exception as error:  # credentials errors come from google.auth
-        raise PubSubError(
-            f"cannot use Pub/Sub ({describe_target(emulator_host)}): {error}"
-        ) from error
+    check_exists(
+        lambda p, **kw: subscriber.get_subscription(subscription=p, **kw),
+        "subscription",
+        path,
+        "--subscription",
+        emulator_host,
+    )
 
     inbox: queue.SimpleQueue[Verdict] = queue.SimpleQueue()
 
@@ -337,7 +332,8 @@ def watch(
         pull.cancel()
         try:
             pull.result(timeout=10)
-        except Exception:  # a cancelled pull may end with any transport error; it is over
+        except (exceptions.GoogleAPICallError, TimeoutError, CancelledError):
+            # The pull is over either way; how it ended does not change the report.
             logger.debug("streaming pull ended", exc_info=True)
         subscriber.close()
         if progress is not None:

@@ -187,3 +187,16 @@ def test_missing_subscription_is_one_line(pubsub_env: dict[str, str]) -> None:
     name = services.unique("missing")
     result = run("watch", "--subscription", name, env=pubsub_env)
     assert_one_line_error(result, "--subscription", f"{name} does not exist")
+
+
+def test_no_emulator_and_no_credentials_is_one_line(tmp_path: Path) -> None:
+    """Without PUBSUB_EMULATOR_HOST and without credentials the error says what to set."""
+    env = {k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"}
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "absent.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "publisher", "simulate", *SMALL, "--project", "p"],
+        cwd=services.ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert_one_line_error(
+        result, "cannot create a Pub/Sub client for Google Cloud", "set PUBSUB_EMULATOR_HOST"
+    )
