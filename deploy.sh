@@ -316,6 +316,14 @@ set_option() {
   esac
 }
 
+VALUE_OPTIONS="--project --region --emulator --package --transactions-topic --results-topic
+  --dead-letter-topic --feedback-topic --dead-letter-subscription --watch-subscription
+  --push-subscription --feedback-push-subscription --push-endpoint --feedback-push-endpoint
+  --min-retry-delay --max-retry-delay --schema-name --schema-file --service-account --runtime
+  --memory --cpu --concurrency --max-instances --min-instances --timeout --max-delivery-attempts
+  --redis-url --vpc-connector --egress-settings --rules-file --model-path --staging-dir"
+VALUE_OPTIONS=$(printf '%s' "$VALUE_OPTIONS" | tr -s ' \n' '  ')
+
 parse_args() {
   local arg value inline
   while (($# > 0)); do
@@ -344,6 +352,7 @@ parse_args() {
         esac
         ;;
       --*)
+        [[ " $VALUE_OPTIONS " == *" $arg "* ]] || usage_error "unknown option: $arg"
         if ((!inline)); then
           (($# > 0)) || usage_error "$arg: needs a value"
           value=$1
@@ -723,7 +732,7 @@ PUBSUB_AGENT=""
 deploy_cloud() {
   SA_EMAIL="$SERVICE_ACCOUNT@$PROJECT.iam.gserviceaccount.com"
 
-  section "stage the function source"
+  section "stage the function source in $STAGING_DIR (done locally, also in a dry run)"
   package_source "$STAGING_DIR"
   local digest
   digest=$(source_digest "$STAGING_DIR")
@@ -809,10 +818,11 @@ deploy_cloud() {
 }
 
 provision_emulator() {
-  section "topics"
   if ((WITH_SCHEMA)); then
+    section "schema"
     ensure_schema
   fi
+  section "topics"
   list_topics
   ensure_topics
   section "subscriptions"
