@@ -255,11 +255,15 @@ def run_simulate(args: argparse.Namespace, env: Environment) -> int:
         where = str(args.out)
     else:
         publisher = make_publisher("batch", _project(args, env), env.emulator_host)
-        where = publisher.check_topic(args.topic, "--topic")
-        sink = publisher.topic(where)
-        if wants_feedback:
-            name = args.feedback_topic or DEFAULT_FEEDBACK_TOPIC
-            feedback = publisher.topic(publisher.check_topic(name, "--feedback-topic"))
+        try:
+            where = publisher.check_topic(args.topic, "--topic")
+            sink = publisher.topic(where)
+            if wants_feedback:
+                name = args.feedback_topic or DEFAULT_FEEDBACK_TOPIC
+                feedback = publisher.topic(publisher.check_topic(name, "--feedback-topic"))
+        except PublisherError:
+            publisher.close()
+            raise
     try:
         if args.labels is not None:
             labels = FileSink(args.labels, "--labels")

@@ -3,8 +3,9 @@
 `stream()` is the core shared by `simulate` and `replay`: it takes outgoing messages in
 event-time order, paces them, hands them to a sink, releases labels to a feedback sink once
 the simulated clock has passed their delay, and returns counts. Sinks are small Protocol
-implementations: `PubSubTopic` (google-cloud-pubsub with batching and flow control),
-`FileSink` (JSON lines) and `MemorySink` (tests).
+implementations: a topic of a `Publisher`, `FileSink` (JSON lines) and `MemorySink` (tests).
+Publishers: `BatchPublisher` (default: own batching over the generated Publish RPC) and
+`LibraryPublisher` (google-cloud-pubsub's PublisherClient.publish); see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ FLOW_MESSAGE_LIMIT = 20_000
 FLOW_BYTE_LIMIT = 50_000_000
 # How long the pre-flight topic check waits for Pub/Sub before calling it unreachable.
 CHECK_TIMEOUT = 5.0
-# How long close() waits for the last publishes to be confirmed.
+# How long wait() waits for the last publishes to be confirmed.
 DRAIN_TIMEOUT = 120.0
 
 
@@ -445,7 +446,7 @@ class StreamSummary:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamOptions:
     """How to run the loop (from the command line)."""
 
