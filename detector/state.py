@@ -42,7 +42,7 @@ import enum
 import logging
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -482,51 +482,142 @@ class _History:
                 frauds[i] += delta
 
 
-class _Plan:
-    """What to compute for one entity kind given the needed features (memory fast path).
+_NA = object()  # placeholder for an absent amount ratio in generated code
 
-    `windows` runs largest first: (seconds, count, sum, mean, max, ratio, fraud, share keys,
-    distinct keys in the kind's attribute order, "" where not needed). `template` holds the
-    values of an empty window. `keys` are the features to return, or None for all.
+
+def _compile_features(
+    kind: str, windows: Sequence[int], needed: frozenset[str] | None
+) -> Callable[[_History, float, float, float], dict[str, float]]:
+    """Generate the fast-path feature function of one kind for one `needed` set.
+
+    The generated code unrolls the windows (largest first, stopping at the first empty one)
+    and returns dict displays with constant keys, about twice as fast as filling a dict key by
+    key. Its arithmetic is that of `FeatureBuilder.build`; the property tests compare the two
+    exactly.
+    """
+    names = feature_names(windows, kind)
+    wanted = names if needed is None else names & needed
+    attrs = _DISTINCT[kind]
+    order = sorted(windows, reverse=True)
+
+    def keys_of(window: int) -> dict[str, str]:
+        s = window_name(window)
+        keys = {
+            "c": f"count_{s}",
+            "s": f"sum_{s}",
+            "m": f"mean_{s}",
+            "x": f"max_{s}",
+            "r": f"amount_ratio_{s}",
+            "f": f"fraud_count_{s}",
+            "fs": f"fraud_share_{s}",
+        }
+        for n, attr in enumerate(attrs):
+            keys[f"d{n}"] = f"{_DISTINCT_FEATURE[attr]}_{s}"
+        return {var: key for var, key in keys.items() if key in wanted}
+
+    def values(k: int) -> list[str]:
+        """Dict display items of window k as computed."""
+        items = []
+        for var, key in keys_of(order[k]).items():
+            if var == "r":
+                continue
+            expr = {
+                "c": f"float(c{k})",
+                "s": f"s{k}",
+                "m": f"m{k}",
+                "x": f"x{k}",
+                "f": f"float(f{k})",
+                "fs": f"f{k} / c{k}",
+            }.get(var, f"{var}{k}")
+            items.append(f"{key!r}: {expr}")
+        return items
+
+    def zeros(k: int) -> list[str]:
+        return [f"{key!r}: 0.0" for var, key in keys_of(order[k]).items() if var != "r"]
+
+    def finish(done: int, indent: str) -> list[str]:
+        """Return statement after computing windows 0..done-1 (the rest are empty)."""
+        items = []
+        for k in range(len(order)):
+            items += values(k) if k < done else zeros(k)
+        lines = [f"{indent}out = {{{', '.join(items)}}}"]
+        for k in range(done):
+            ratio = keys_of(order[k]).get("r")
+            if ratio:
+                lines.append(f"{indent}if r{k} is not _NA: out[{ratio!r}] = r{k}")
+        if "seconds_since_last" in wanted:
+            lines.append(f"{indent}if gap is not None: out['seconds_since_last'] = gap")
+        lines.append(f"{indent}return out")
+        return lines
+
+    body = [
+        "def compute(h, ts, amount, lookback):",
+        "    times = h.ts",
+        "    n = len(times)",
+        "    if not n:",
+        "        gap = None",
+        *finish(0, "        "),
+        "    last = times[-1]",
+        "    gap = ts - last if last > ts - lookback else None",
+        "    base = h.base",
+        "    sums = h.sums",
+        "    frauds = h.frauds",
+        "    peaks = h.peaks",
+        "    txs = h.txs",
+        f"    {', '.join(f'p{n}' for n in range(len(attrs)))}, = h.lasts",
+        "    sa = sums[-1]",
+        "    fa = frauds[-1]",
+        "    lo = 0",
+        "    pi = 0",
+    ]
+    for k, window in enumerate(order):
+        keys = keys_of(window)
+        if not keys:
+            continue
+        body += [
+            f"    lo = bisect_right(times, ts - {window}, lo)",
+            f"    c{k} = n - lo",
+            f"    if not c{k}:",
+            *finish(k, "        "),
+            "    la = lo + base",
+            "    while peaks[pi] < la:",
+            "        pi += 1",
+            f"    x{k} = txs[peaks[pi] - base][2]",
+            f"    s{k} = (sa - sums[lo]) / {MICROS}",
+            f"    m{k} = s{k} / c{k}",
+            f"    r{k} = amount / m{k} if m{k} > 0 else _NA",
+            f"    f{k} = fa - frauds[lo]",
+        ]
+        for n in range(len(attrs)):
+            if f"d{n}" in keys:
+                body.append(
+                    f"    d{n}{k} = float(len(p{n}) - bisect_left(p{n}, la)) if p{n} else 0.0"
+                )
+    # Windows not wanted at all stay out of the display; the loop above skipped them.
+    body += finish(len(order), "    ")
+    source = "\n".join(body)
+    namespace: dict[str, object] = {
+        "bisect_left": bisect_left,
+        "bisect_right": bisect_right,
+        "_NA": _NA,
+    }
+    exec(compile(source, f"<state features {kind}>", "exec"), namespace)
+    return namespace["compute"]  # type: ignore[return-value]
+
+
+class _Plan:
+    """How the memory fast path computes one entity kind's features for a `needed` set.
+
+    `compute(history, ts, amount, lookback)` is generated code (see `_compile_features`);
+    `keys` are the features to return, or None for all (used to trim the slow path's output).
     """
 
-    __slots__ = ("keys", "template", "windows")
+    __slots__ = ("compute", "keys")
 
     def __init__(self, kind: str, windows: Sequence[int], needed: frozenset[str] | None) -> None:
         names = feature_names(windows, kind)
         self.keys = None if needed is None else tuple(sorted(names & needed))
-        wanted = names if needed is None else names & needed
-        plan = []
-        template: dict[str, float] = {}
-        for window in sorted(windows, reverse=True):
-            s = window_name(window)
-            if not {name for name in wanted if name.endswith("_" + s)}:
-                continue
-            distinct = tuple(
-                name if name in wanted else ""
-                for name in (f"{_DISTINCT_FEATURE[attr]}_{s}" for attr in _DISTINCT[kind])
-            )
-            plan.append(
-                (
-                    window,
-                    f"count_{s}",
-                    f"sum_{s}",
-                    f"mean_{s}",
-                    f"max_{s}",
-                    f"amount_ratio_{s}",
-                    f"fraud_count_{s}",
-                    f"fraud_share_{s}",
-                    distinct,
-                )
-            )
-        for window in windows:
-            s = window_name(window)
-            for name in ("count", "sum", "mean", "max", "fraud_count", "fraud_share"):
-                template[f"{name}_{s}"] = 0.0
-            for attr in _DISTINCT[kind]:
-                template[f"{_DISTINCT_FEATURE[attr]}_{s}"] = 0.0
-        self.windows = tuple(plan)
-        self.template = template
+        self.compute = _compile_features(kind, windows, needed)
 
     def select(self, features: dict[str, float]) -> dict[str, float]:
         """Only the needed features."""
@@ -572,6 +663,7 @@ class MemoryStore:
         self._sweep_every = max(self._keep / 8, 60.0)
         self._next_sweep = float("-inf")
         self._plans: dict[frozenset[str] | None, dict[str, _Plan]] = {}
+        self._track_distinct = False
 
     def __len__(self) -> int:
         """Number of transactions remembered (for idempotency and labels)."""
@@ -589,6 +681,15 @@ class MemoryStore:
             plans = {kind: _Plan(kind, self._windows, needed) for kind in _DISTINCT}
             if len(self._plans) < 64:
                 self._plans[needed] = plans
+            if not self._track_distinct and (
+                needed is None or any(name.startswith("distinct_") for name in needed)
+            ):
+                # Distinct-value indexes cost a few dict and list operations per event: kept
+                # only once some caller asks for distinct counts, then rebuilt everywhere.
+                self._track_distinct = True
+                for histories in self._entities.values():
+                    for history in histories.values():
+                        history.rebuild(self._labels)
         return plans
 
     def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
@@ -633,11 +734,11 @@ class MemoryStore:
             times = history.ts
             plan = plans[kind]
             if not times or ts > times[-1] or (ts == times[-1] and txid > history.txs[-1][_TXID]):
-                out = self._append(history, tx, plan)
+                features[kind] = self._append(history, tx, plan)
             else:
                 raws, gap = self._insert(history, tx)
                 out = self._builder.build(kind, amount, raws, gap)
-            features[kind] = out if plan.keys is None else plan.select(out)
+                features[kind] = out if plan.keys is None else plan.select(out)
         self._txs[txid] = (tx, event.customer, event.card, event.terminal, event.merchant)
         if ts > self._watermark:
             self._watermark = ts
@@ -646,14 +747,10 @@ class MemoryStore:
         return features
 
     def _append(self, h: _History, tx: _Record, plan: _Plan) -> dict[str, float]:
-        """Fast path: tx comes after everything in the history. Features, then record.
-
-        Same arithmetic as `FeatureBuilder.build` (the property tests compare them exactly),
-        computed from the prefix sums, peaks and last-occurrence indexes, largest window first
-        so that it stops at the first empty window (smaller ones are empty too).
-        """
+        """Fast path: tx comes after everything in the history. Features, then record."""
         ts = tx[0]
         amount = tx[2]
+        out = plan.compute(h, ts, amount, self._lookback)
         times = h.ts
         n = len(times)
         base = h.base
@@ -664,45 +761,6 @@ class MemoryStore:
         lasts = h.lasts
         total_all = sums[-1]
         fraud_all = frauds[-1]
-        out = plan.template.copy()
-        if n:
-            lo = 0
-            pi = 0
-            for (
-                window,
-                k_count,
-                k_sum,
-                k_mean,
-                k_max,
-                k_ratio,
-                k_fraud,
-                k_share,
-                k_distinct,
-            ) in plan.windows:
-                lo = bisect_right(times, ts - window, lo)
-                count = n - lo
-                if not count:
-                    break
-                lo_abs = lo + base
-                while peaks[pi] < lo_abs:
-                    pi += 1
-                total = (total_all - sums[lo]) / MICROS
-                mean = total / count
-                out[k_count] = float(count)
-                out[k_sum] = total
-                out[k_mean] = mean
-                out[k_max] = txs[peaks[pi] - base][2]
-                if mean > 0:
-                    out[k_ratio] = amount / mean
-                fraud = fraud_all - frauds[lo]
-                if fraud:
-                    out[k_fraud] = float(fraud)
-                    out[k_share] = fraud / count
-                for key, positions in zip(k_distinct, lasts, strict=False):
-                    if positions and key:
-                        out[key] = float(len(positions) - bisect_left(positions, lo_abs))
-            if times[-1] > ts - self._lookback:
-                out["seconds_since_last"] = ts - times[-1]
         # Record.
         end = base + n
         while peaks and txs[peaks[-1] - base][2] <= amount:
@@ -712,7 +770,7 @@ class MemoryStore:
         txs.append(tx)
         sums.append(total_all + tx[3])
         frauds.append(fraud_all)
-        for i, attr in enumerate(h.attrs):
+        for i, attr in enumerate(h.attrs if self._track_distinct else ()):
             value: str | None = tx[attr]  # type: ignore[assignment]
             if value is not None:
                 last = h.last[i]
