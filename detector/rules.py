@@ -34,8 +34,9 @@ and tests every rule in turn. The generated code comes only from the whitelisted
 numbered locals, literals are ``repr`` of Python numbers and strings), never from user text, and
 it is executed with empty builtins. A missing value is a sentinel whose every operation raises,
 so a touched missing value aborts that one rule's test, which a per-rule ``try`` turns into
-"did not fire"; the variables a condition touches unconditionally are checked up front, so the
-common missing case costs an identity test, not an exception.
+"did not fire". Every variable without which a rule cannot fire is checked up front, so the
+common missing case (an entity without history) costs an identity test, not an exception.
+``Ruleset.source`` shows the generated code.
 
 Errors (all raised at load, never per transaction)::
 
@@ -887,7 +888,8 @@ class Ruleset:
 
         Args:
             activation: transaction fields at top level (amount as a number), a nested mapping
-                per entity (``by_customer``...), ``score``. Absent keys and None are missing.
+                (or None) per entity (``by_customer``...), ``score``. Absent keys and None
+                values are missing. Values of the wrong type make the rules that use them false.
 
         Returns:
             The decision (a non-shadow ``allow`` hit wins, then block, then review, else allow)
