@@ -966,7 +966,16 @@ def parse_ruleset(text: str, schema: Schema, *, source: str = "<rules>") -> Rule
         # libyaml's loader when the wheel has it: ten times faster on large rule files.
         document = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as error:
-        raise RulesError(source, [f"{source}: not valid YAML: {error}"]) from None
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        detail = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise RulesError(
+            source,
+            [
+                f"{source}: not valid YAML{line}: {detail}"
+                " (quote a condition that starts with ! or contains ': ' or ' #')"
+            ],
+        ) from None
     problems: list[str] = []
     if not isinstance(document, dict):
         raise RulesError(source, [f"{source}: must be a mapping with 'version' and 'rules'"])

@@ -292,7 +292,16 @@ def test_no_way_out_to_python(condition: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("version: [\n", "rules.yaml: not valid YAML: "),
+        ("version: [\n", "rules.yaml: not valid YAML at line 2: "),
+        (
+            'version: "1"\nrules:\n  - id: a\n    condition: !has(score)\n',
+            "rules.yaml: not valid YAML at line 4: could not determine a constructor for the tag"
+            " '!has(score)' (quote a condition that starts with ! or contains ': ' or ' #')",
+        ),
+        (
+            'version: "1"\nrules:\n  - id: a\n    condition: score > 1 ? true : false\n',
+            "rules.yaml: not valid YAML at line 4: mapping values are not allowed",
+        ),
         ("- a\n- b\n", "rules.yaml: must be a mapping with 'version' and 'rules'"),
         ("rules: []\n", "rules.yaml: version: must be a non-empty string, got None"),
         ("version: 2026-11-29\nrules: []\n", "rules.yaml: version: must be a non-empty string, got datetime.date(2026, 11, 29)"),
