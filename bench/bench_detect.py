@@ -201,24 +201,39 @@ class Config:
     rules_file: Path | None = None
 
 
-def detector_config(name: str, rules_file: Path | None, redis_url: str | None = None) -> Config:
+def detector_config(
+    name: str,
+    rules_file: Path | None,
+    redis_url: str | None = None,
+    *,
+    model: str | None = None,
+    state: bool = True,
+) -> Config:
+    """A Service as the function builds it, with a MemorySink; model from MODEL_PATH unless
+    given ("none" disables it), state in memory (or Redis) unless state is False."""
     settings = Settings(
         project="bench",
         rules_file=rules_file,
-        model_path=os.environ.get("MODEL_PATH") or None,
+        model_path=model or os.environ.get("MODEL_PATH") or None,
         redis_url=redis_url,
     )
-    store = open_store(StateConfig(), redis_url)
-    detector = build_detector(settings, store=store)
+    detector = build_detector(settings, store=open_store(StateConfig(), redis_url))
+    if not state:
+        detector = Detector(detector.rules, None, detector.model)
     sink = MemorySink()
     service = Service(settings, detector, sink)
     return Config(name, service.on_transaction, sink, detector, rules_file)
 
 
-def time_loop(run: Callable[[Envelope], object], batch: Sequence[Envelope]) -> float:
-    """Seconds per envelope of run over batch, garbage collection paused as timeit does."""
+def time_loop(run: Callable[[Envelope], object], batch: Sequence[Envelope], gc_on: bool) -> float:
+    """Seconds per envelope of run over batch.
+
+    The garbage collector stays on unless gc_on is False: it runs in the function too, and
+    a state store full of small objects makes its passes part of the cost.
+    """
     enabled = gc.isenabled()
-    gc.disable()
+    if not gc_on:
+        gc.disable()
     try:
         start = time.perf_counter()
         for envelope in batch:
@@ -231,7 +246,10 @@ def time_loop(run: Callable[[Envelope], object], batch: Sequence[Envelope]) -> f
 
 
 def measure(
-    configs: Sequence[Config], warm: Sequence[Envelope], slices: Sequence[Sequence[Envelope]]
+    configs: Sequence[Config],
+    warm: Sequence[Envelope],
+    slices: Sequence[Sequence[Envelope]],
+    gc_on: bool = True,
 ) -> dict[str, list[tuple[float, float]]]:
     """Per config, (seconds per transaction, ratio to the original) for each repeat."""
     for config in configs:
@@ -243,7 +261,7 @@ def measure(
     for batch in slices:
         times = {}
         for config in configs:
-            times[config.name] = time_loop(config.run, batch)
+            times[config.name] = time_loop(config.run, batch, gc_on)
             if config.sink is not None:
                 config.sink.messages.clear()
         baseline = times[configs[0].name]
@@ -282,12 +300,12 @@ def stages(
         return out
 
     now = datetime.now(UTC)
-    # decide() again on a store-less detector: the verdict's own cost, without the state.
-    bare = Detector(detector.rules, None, detector.model)
+    # decide() again without store or model: the verdict's own cost, rules included.
+    bare = Detector(detector.rules, None, None)
     for batch in slices:
-        messages = timed("envelope: base64 and fields (parse_envelope)", parse_envelope, batch)
+        messages = timed("envelope: base64 and its fields (parse_envelope)", parse_envelope, batch)
         raws = timed("JSON (orjson.loads)", parse_json, [m.data for m in messages])
-        txs = timed("validation (pydantic)", validate, raws)
+        txs = timed("validation (validate)", validate, raws)
         activations = timed(
             "state store and activation (Detector.activation)",
             lambda pair: detector.activation(pair[0], pair[0].transaction_id, pair[0].timestamp),
@@ -303,7 +321,7 @@ def stages(
             return bare.decide(raw, tx, message_id="1", default_time=now, decided_at=now).encode()
 
         timed(
-            "verdict body and encoding (decide, no state)",
+            "verdict body and encoding (decide without state and model, rules included)",
             verdict,
             list(zip(txs, raws, strict=True)),
         )
@@ -334,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", metavar="CONFIG", help="print a cProfile of this config")
     parser.add_argument("--repeats", type=int, help="timed slices per config")
     parser.add_argument("--batch", type=int, help="transactions per timed slice")
+    parser.add_argument(
+        "--no-gc", action="store_true", help="pause the garbage collector while timing"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     repeats = args.repeats or (2 if quick else 9)
@@ -349,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{len(stream)} simulated transactions ({customers} customers); state warmed with "
         f"{warm_count}, then {len(slices)} repeats of {batch} per configuration, interleaved. "
-        "Median per repeat; ratio = config / original in the same repeat.\n"
+        "Median per repeat; ratio = config / original in the same repeat; garbage collector "
+        f"{'paused' if args.no_gc else 'on, as in the function'}.\n"
     )
 
     original = load_original()
@@ -366,6 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = [
             Config("original (json.loads, amount > 1000, json.dumps)", original.handle),
             detector_config("detector, default ruleset, memory state", None),
+            detector_config("detector, default ruleset, no model", None, model="none"),
+            detector_config(
+                "detector, default ruleset, no model, no state store",
+                None,
+                model="none",
+                state=False,
+            ),
             detector_config("detector, default + 8 velocity rules, memory state", stateful_default),
         ]
         for count in counts:
@@ -387,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{default.rules.version}; model: "
             f"{getattr(model, 'version', 'none') if model is not None else 'none'}\n"
         )
-        results = measure(configs, warm, slices)
+        results = measure(configs, warm, slices, not args.no_gc)
         rows = []
         for config in configs:
             values = results[config.name]
@@ -412,7 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model_path=os.environ.get("MODEL_PATH") or None,
             )
             detector = build_detector(settings, store=open_store(StateConfig(), None))
-            print(f"\nWhere the time goes ({label}, memory state; each step timed alone):\n")
+            print(
+                f"\nWhere the time goes ({label}, memory state; each step timed alone, "
+                "garbage collector paused):\n"
+            )
             parts = stages(detector, warm, slices)
             print(_report.table(["step", "µs / transaction"], [(n, f"{v:.1f}") for n, v in parts]))
 

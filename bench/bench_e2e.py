@@ -423,7 +423,7 @@ def _print_round(row: dict[str, Any]) -> None:
     print(
         f"  round {row['setting']}: max {d.throughput:.0f}/s vs {p.throughput:.0f}/s "
         f"(null {row['null_max']:.0f}/s); at {row['rate']:.0f}/s p99 {dd.p99:.0f} ms vs "
-        f"{pd.p99:.0f} ms",
+        f"{pd.p99:.0f} ms; CPU s/1000 tx {d.cpu_per_1000:.2f} vs {p.cpu_per_1000:.2f}",
         file=sys.stderr,
     )
 
@@ -516,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="length of each steady-rate run")
     parser.add_argument("--timeout", type=float, default=120, help="wait for verdicts (s)")
     parser.add_argument("--customers", type=int, default=2000, help="simulated customers")
+    parser.add_argument("--logs", type=Path, help="keep the functions' and emulator's logs here")
     args = parser.parse_args(argv)
     default_threads = (os.cpu_count() or 1) * 4  # functions-framework's own default
     settings = parse_settings(
@@ -535,12 +536,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "both functions, publisher and collector) shares this machine.\n"
     )
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, pubsub_emulator(Path(tmp)) as host:
+    with contextlib.ExitStack() as stack:
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            workdir = args.logs
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        host = stack.enter_context(pubsub_emulator(workdir))
         bench = Bench(host)
         null = NullEndpoint()
         try:
             for setting in settings:
-                rows += run_setting(bench, host, setting, Path(tmp), args, null)
+                rows += run_setting(bench, host, setting, workdir, args, null)
         finally:
             null.close()
             bench.close()
