@@ -284,8 +284,10 @@ class RedisStore:
         try:
             return script(keys=keys, args=args)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            log.error("redis at %s unreachable during %s: %s", redact(self.url), script_name, error)
             raise StoreUnavailable(f"redis at {redact(self.url)} unreachable: {error}") from error
         except redis.exceptions.RedisError as error:
+            log.error("redis at %s: %s failed: %s", redact(self.url), script_name, error)
             raise StateError(
                 f"redis at {redact(self.url)}: {script_name} failed: {error}"
             ) from error

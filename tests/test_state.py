@@ -525,15 +525,17 @@ def test_redis_prefix_isolates_stores(redis_url: str) -> None:
     two.close()
 
 
-def test_unreachable_redis_fails_with_the_url_and_reason() -> None:
-    """No server: StoreUnavailable names the URL without its password, and why."""
+def test_unreachable_redis_fails_with_the_url_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+    """No server: StoreUnavailable names the URL without its password, and why; so does the log."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"redis://:s3cret@127.0.0.1:{port}/0"
     store = open_store(SMALL, url)
-    with pytest.raises(StoreUnavailable) as caught:
+    with caplog.at_level(logging.ERROR), pytest.raises(StoreUnavailable) as caught:
         store.observe(ev("a", 1000))
+    assert f"redis at redis://:***@127.0.0.1:{port}/0 unreachable during observe" in caplog.text
+    assert "s3cret" not in caplog.text
     message = str(caught.value)
     assert message.startswith(f"redis at redis://:***@127.0.0.1:{port}/0 unreachable: ")
     assert "s3cret" not in message
