@@ -70,12 +70,23 @@ def running(workdir: Path, threads: int | None = None) -> Iterator[Stack]:
             env["THREADS"] = str(threads)
         _say("starting detect_fraud, record_feedback and score_transaction")
         detect = stack.enter_context(function_server("detect_fraud", "cloudevent", env, workdir))
-        feedback = stack.enter_context(function_server("record_feedback", "cloudevent", env, workdir))
+        feedback = stack.enter_context(
+            function_server("record_feedback", "cloudevent", env, workdir)
+        )
         http = stack.enter_context(function_server("score_transaction", "http", env, workdir))
         _say("provisioning topics and subscriptions with deploy.sh --emulator")
         subprocess.run(
-            [str(ROOT / "deploy.sh"), "--emulator", emulator, "--project", PROJECT,
-             "--push-endpoint", detect, "--feedback-push-endpoint", feedback],
+            [
+                str(ROOT / "deploy.sh"),
+                "--emulator",
+                emulator,
+                "--project",
+                PROJECT,
+                "--push-endpoint",
+                detect,
+                "--feedback-push-endpoint",
+                feedback,
+            ],
             check=True,
             stdout=(workdir / "provision.log").open("w"),
             stderr=subprocess.STDOUT,
@@ -108,25 +119,77 @@ Ctrl-C stops everything.""",
 def _demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     labels = args.workdir / "labels.jsonl"
+    python = sys.executable
+    scenario = [
+        "--seed",
+        str(args.seed),
+        "--customers",
+        str(args.customers),
+        "--terminals",
+        str(args.terminals),
+        "--days",
+        str(args.days),
+        "--from-day",
+        str(args.from_day),
+        "--count",
+        str(args.count),
+    ]
+    # The simulator is deterministic for a seed: writing the same stream to a file first gives
+    # the watcher the ground truth before the first verdict arrives.
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            python,
+            "-m",
+            "publisher",
+            "simulate",
+            *scenario,
+            "--out",
+            str(args.workdir / "transactions.jsonl"),
+            "--labels",
+            str(labels),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     with running(args.workdir, args.threads) as stack:
         env = stack.environment()
-        python = sys.executable
         watch = subprocess.Popen(
-            [python, "-m", "publisher", "watch", "--subscription", SUBSCRIPTION,
-             "--labels", str(labels), "--idle-timeout", str(args.idle_timeout)]
+            [
+                python,
+                "-m",
+                "publisher",
+                "watch",
+                "--subscription",
+                SUBSCRIPTION,
+                "--labels",
+                str(labels),
+                "--count",
+                str(args.count),
+                "--idle-timeout",
+                str(args.idle_timeout),
+            ]
             + (["--json"] if args.json else []),
             env=env,
             cwd=ROOT,
         )
         _say(
-            f"streaming {args.customers} customers x {args.days} days of simulated transactions "
-            "(labels reach record_feedback 7 days later in event time)"
+            f"streaming {args.count:,} simulated transactions from day {args.from_day} "
+            f"({args.customers} customers, {args.terminals} terminals); fraud labels reach "
+            f"record_feedback {args.label_delay} later in event time"
         )
         simulate = subprocess.run(
-            [python, "-m", "publisher", "simulate", "--seed", str(args.seed),
-             "--customers", str(args.customers), "--terminals", str(args.terminals),
-             "--days", str(args.days), "--labels", str(labels),
-             "--feedback-topic", "fraud-feedback", "--label-delay", "7d"]
+            [
+                python,
+                "-m",
+                "publisher",
+                "simulate",
+                *scenario,
+                "--feedback-topic",
+                "fraud-feedback",
+                "--label-delay",
+                args.label_delay,
+            ]
             + (["--rate", str(args.rate)] if args.rate else []),
             env=env,
             cwd=ROOT,
@@ -139,16 +202,25 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, default=ROOT / ".stack", help="logs and data (default .stack/)")
+    parser.add_argument(
+        "--workdir", type=Path, default=ROOT / ".stack", help="logs and data (default .stack/)"
+    )
     parser.add_argument("--threads", type=int, help="functions-framework threads per function")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="start everything and wait for Ctrl-C").set_defaults(run=_up)
     demo = commands.add_parser("demo", help="stream simulated transactions through and report")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--customers", type=int, default=300)
-    demo.add_argument("--terminals", type=int, default=600)
-    demo.add_argument("--days", type=int, default=14)
-    demo.add_argument("--rate", type=float, help="messages per second (default: as fast as possible)")
+    demo.add_argument("--customers", type=int, default=500)
+    demo.add_argument("--terminals", type=int, default=1000)
+    demo.add_argument("--days", type=int, default=60)
+    demo.add_argument(
+        "--from-day", type=int, default=30, help="skip the weeks compromises build up in"
+    )
+    demo.add_argument("--count", type=int, default=3000, help="transactions to stream")
+    demo.add_argument("--label-delay", default="1d", help="when labels reach the detector")
+    demo.add_argument(
+        "--rate", type=float, help="messages per second (default: as fast as possible)"
+    )
     demo.add_argument("--idle-timeout", type=float, default=10.0)
     demo.add_argument("--json", action="store_true", help="final report as JSON")
     demo.set_defaults(run=_demo)
