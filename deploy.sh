@@ -416,11 +416,10 @@ validate() {
   check_pubsub_name --push-subscription "$PUSH_SUBSCRIPTION"
   check_pubsub_name --feedback-push-subscription "$FEEDBACK_PUSH_SUBSCRIPTION"
   check_pubsub_name --schema-name "$SCHEMA_NAME"
-  local url
-  for url in "$PUSH_ENDPOINT" "$FEEDBACK_PUSH_ENDPOINT"; do
-    [[ -z $url || $url =~ ^https?://[^[:space:]]+$ ]] ||
-      usage_error "--push-endpoint: must be an http(s) URL, got '$url'"
-  done
+  [[ -z $PUSH_ENDPOINT || $PUSH_ENDPOINT =~ ^https?://[^[:space:],]+$ ]] ||
+    usage_error "--push-endpoint: must be an http(s) URL, got '$PUSH_ENDPOINT'"
+  [[ -z $FEEDBACK_PUSH_ENDPOINT || $FEEDBACK_PUSH_ENDPOINT =~ ^https?://[^[:space:],]+$ ]] ||
+    usage_error "--feedback-push-endpoint: must be an http(s) URL, got '$FEEDBACK_PUSH_ENDPOINT'"
   [[ $SERVICE_ACCOUNT =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] ||
     usage_error "--service-account: must be an account id (6-30 lowercase letters, digits, -), got '$SERVICE_ACCOUNT'"
   check_whole_number --max-delivery-attempts "$MAX_DELIVERY_ATTEMPTS" 5 100
@@ -668,7 +667,8 @@ deploy_function() {
   fi
   # The label records what was deployed: same source and same flags means nothing to do.
   local config
-  config=$( (printf '%s\n' "$digest" "${args[@]}") | sha256 | cut -c1-32)
+  # The upload's location is not part of it (its contents are): a clone elsewhere is the same.
+  config=$( (printf '%s\n' "$digest" "${args[@]/#--source=*/--source}") | sha256 | cut -c1-32)
   args+=(--update-labels="$DIGEST_LABEL=$config" --quiet)
   local current
   current=$(csv_field "$FUNCTIONS" "$name" 2)

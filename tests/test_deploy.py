@@ -36,7 +36,7 @@ TOOLS = (
 
 
 def run_deploy(
-    *args: str, config: Path, path: str | None = None, timeout: float = 300
+    *args: str, config: Path, path: str | None = None, timeout: float = 300, script: Path = DEPLOY
 ) -> subprocess.CompletedProcess[str]:
     """Run deploy.sh with a fresh, empty gcloud configuration (no account, no credentials)."""
     config.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def run_deploy(
         "LC_ALL": "C.UTF-8",
     }
     return subprocess.run(
-        [str(DEPLOY), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [str(script), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -271,28 +271,47 @@ def test_dry_run_needs_no_gcloud(tmp_path: Path) -> None:
     assert output == EXPECTED_DEPLOY.format(staging=tmp_path / "upload")
 
 
-def config_digests(tmp_path: Path, *args: str) -> list[str]:
+@pytest.fixture()
+def clone(tmp_path: Path) -> Path:
+    """A copy of what deploy.sh packages, so edits to the working tree cannot move digests."""
+    copy = tmp_path / "clone"
+    copy.mkdir()
+    shutil.copy2(DEPLOY, copy / "deploy.sh")
+    shutil.copy2(ROOT / "requirements.txt", copy / "requirements.txt")
+    shutil.copytree(
+        ROOT / "detector", copy / "detector", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return copy
+
+
+def config_digests(clone: Path, *args: str, staging: str = "upload") -> list[str]:
     result = run_deploy(
         "--dry-run", "--project", "fraud-proj", "--region", "europe-west1",
-        "--staging-dir", str(tmp_path / "upload"), *args, config=tmp_path / "gcloud",
+        "--staging-dir", str(clone.parent / staging), *args, config=clone.parent / "gcloud",
+        script=clone / "deploy.sh",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return re.findall(r"config_digest=([0-9a-f]{32})", result.stdout)
 
 
-def test_config_digest_follows_source_and_settings(tmp_path: Path) -> None:
-    """The label that makes redeploys skippable is stable, and changes with settings or source."""
+def test_config_digest_follows_source_and_settings(clone: Path, tmp_path: Path) -> None:
+    """The redeploy label is stable (wherever the upload is staged), and follows settings and source."""
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules: []\n")
-    first = config_digests(tmp_path, "--rules-file", str(rules))
+    first = config_digests(clone, "--rules-file", str(rules))
     assert len(first) == 3
     assert len(set(first)) == 3
-    assert config_digests(tmp_path, "--rules-file", str(rules)) == first
-    more_memory = config_digests(tmp_path, "--rules-file", str(rules), "--memory", "1Gi")
+    assert config_digests(clone, "--rules-file", str(rules)) == first
+    assert config_digests(clone, "--rules-file", str(rules), staging="elsewhere") == first
+    more_memory = config_digests(clone, "--rules-file", str(rules), "--memory", "1Gi")
     assert all(a != b for a, b in zip(first, more_memory, strict=True))
     rules.write_text("rules: [] # edited\n")
-    edited = config_digests(tmp_path, "--rules-file", str(rules))
+    edited = config_digests(clone, "--rules-file", str(rules))
     assert all(a != b for a, b in zip(first, edited, strict=True))
+    rules.write_text("rules: []\n")
+    with (clone / "detector" / "main.py").open("a") as main:
+        main.write("\n# edited\n")
+    assert config_digests(clone, "--rules-file", str(rules)) != first
 
 
 def flag_check_env(config: Path) -> dict[str, str]:
