@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -113,6 +115,42 @@ def simulate(config: SimulationConfig, transactions: Path, labels: Path) -> None
     log(f"simulate: {count:,} transactions written to {transactions}")
 
 
+class TimedModel:
+    """Wraps the replay's model to measure the CPU time of scoring alone."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.version = model.version
+        self.variables = model.variables
+        self.calls = 0
+        self.seconds = 0.0
+
+    def score(self, activation: Any) -> Any:
+        started = time.process_time()
+        result = self.model.score(activation)
+        self.seconds += time.process_time() - started
+        self.calls += 1
+        return result
+
+
+def cold_start(model_path: Path) -> float:
+    """Milliseconds for a fresh interpreter to import the scoring code and load the model."""
+    code = (
+        "import time; t = time.perf_counter(); from detector.model import load_model; "
+        f"load_model({str(model_path)!r}); print(time.perf_counter() - t)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    runs = [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=root
+            ).stdout
+        )
+        for _ in range(3)
+    ]
+    return min(runs) * 1000
+
+
 def run(quick: bool, out: Path, fresh: bool) -> tuple[Result, dict[str, float]]:
     chosen = plan(quick)
     timings: dict[str, float] = {}
@@ -153,6 +191,8 @@ def run(quick: bool, out: Path, fresh: bool) -> tuple[Result, dict[str, float]]:
 
     started = time.perf_counter()
     detector = build_offline_detector(None, str(model_path))
+    timed = TimedModel(detector.model)
+    detector.model = timed
     verdicts_path = out / "verdicts.jsonl"
     log(f"replay: scoring online until {chosen.test_end:%Y-%m-%d}")
     with transactions.open("rb") as lines, verdicts_path.open("wb") as sink:
@@ -168,6 +208,9 @@ def run(quick: bool, out: Path, fresh: bool) -> tuple[Result, dict[str, float]]:
     timings["replay"] = time.perf_counter() - started
     timings["replay_rate"] = outcome.rate
     timings["replay_cpu_rate"] = outcome.cpu_rate
+    timings["score_us"] = timed.seconds / max(timed.calls, 1) * 1e6
+    timings["cold_start_ms"] = cold_start(model_path)
+    timings["model_kb"] = model_path.stat().st_size / 1024
     log(f"replay: {outcome.transactions:,} verdicts at {outcome.rate:,.0f}/s -> {verdicts_path}")
 
     started = time.perf_counter()
@@ -222,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         f"of CPU time, evaluate {timings['evaluate']:.0f} s) on "
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}."
+    )
+    print(
+        f"Model: {timings['model_kb']:.0f} KB artifact; scoring {timings['score_us']:.1f} us of "
+        f"CPU per transaction (with attribution); import + load {timings['cold_start_ms']:.0f} ms."
     )
     return 0
 

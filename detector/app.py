@@ -7,7 +7,7 @@ from detector.rules import Ruleset, default_ruleset_path, load_ruleset
 from detector.service import Service
 from detector.settings import Settings
 from detector.sinks import PubSubSink, Sink
-from detector.state import StateConfig, StateStore, feature_names, open_store
+from detector.state import DEFAULT_WINDOWS, StateConfig, StateStore, feature_names, open_store
 
 
 def load_rules(settings: Settings, config: StateConfig) -> Ruleset:
@@ -34,11 +34,23 @@ def load_risk_model(settings: Settings) -> RiskModel | None:
     return load_model(settings.model_path or default_model_path())
 
 
+def state_config(model: RiskModel | None) -> StateConfig:
+    """The default windows plus any window the model's features read (e.g. 8d)."""
+    from detector.model import windows_of
+
+    if model is None:
+        return StateConfig()
+    return StateConfig(windows=(*DEFAULT_WINDOWS, *windows_of(model.variables)))
+
+
 def build_detector(settings: Settings, store: StateStore | None = None) -> Detector:
-    """The detection core as configured: rules, state (memory or Redis) and model."""
-    config = StateConfig()
-    rules = load_rules(settings, config)
+    """The detection core as configured: rules, state (memory or Redis) and model.
+
+    A `store` passed in must have been built with `state_config(model)`'s windows.
+    """
     model = load_risk_model(settings)
+    config = state_config(model)
+    rules = load_rules(settings, config)
     if store is None:
         store = open_store(config, settings.redis_url)
     return Detector(rules, store, model)

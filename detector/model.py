@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ TOP_FACTORS = 3
 #: Transaction fields a model may read directly (numbers only).
 NUMERIC_FIELDS = frozenset({"amount", "hour", "weekday"})
 _ENTITY_FEATURE = re.compile(r"^by_(customer|card|terminal|merchant)\.([a-z0-9_]+)$")
+_WINDOW_SUFFIX = re.compile(r"_([1-9][0-9]*[dhms])$")
 _MAX_NODES = 1_000_000
 
 
@@ -74,6 +75,22 @@ class Factor:
 def default_model_path() -> Path:
     """The bundled default model, trained on the handbook simulation."""
     return Path(__file__).resolve().parent / "models" / "default.json"
+
+
+def windows_of(features: Iterable[str]) -> frozenset[int]:
+    """Seconds of the state windows the features read ("by_terminal.fraud_count_8d" -> 8 days).
+
+    The detector adds them to the store's windows, so a model can use delayed-label windows
+    (a fraud count over 8 days holds the labels of days 7 to 8 when labels take 7 days).
+    """
+    from detector.state import parse_window
+
+    found = set()
+    for name in features:
+        match = _WINDOW_SUFFIX.search(name) if "." in name else None
+        if match:
+            found.add(parse_window(match.group(1)))
+    return frozenset(found)
 
 
 def vector(activation: Mapping[str, Any], features: Sequence[str], missing: float) -> list[float]:

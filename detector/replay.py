@@ -367,13 +367,15 @@ def summary(outcome: Outcome) -> str:
 
 
 def build_offline_detector(rules: Path | None, model: str | None) -> Detector:
-    """A detector with a fresh memory store, the given (or default) rules and model."""
+    """A detector with a fresh memory store, the given (or default) rules and model.
+
+    The store's windows are the live function's: the defaults plus the model's.
+    """
     from detector.app import build_detector
     from detector.settings import Settings
-    from detector.state import MemoryStore, StateConfig
 
     settings = Settings(project="", rules_file=rules, model_path=model)
-    return build_detector(settings, store=MemoryStore(StateConfig()))
+    return build_detector(settings)  # no REDIS_URL in these settings: a fresh MemoryStore
 
 
 def _open_output(path: Path) -> IO[bytes]:

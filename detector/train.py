@@ -97,11 +97,11 @@ class _Features:
 
 def training_detector(features: Sequence[str]) -> Detector:
     """A detector over a fresh memory store that computes `features` (and the rules' own)."""
-    from detector.app import load_rules
+    from detector.app import load_rules, state_config
     from detector.settings import Settings
-    from detector.state import MemoryStore, StateConfig
+    from detector.state import MemoryStore
 
-    config = StateConfig()
+    config = state_config(_Features(features))  # the windows live scoring will use
     rules = load_rules(Settings(project=""), config)
     return Detector(rules, MemoryStore(config), model=_Features(features))
 

@@ -231,3 +231,15 @@ def test_scoring_the_bundled_model_is_fast() -> None:
         m.score(activation)
     per_call = (time.process_time() - started) / 1000
     assert per_call < 0.001
+
+
+def test_windows_the_model_reads_are_added_to_the_state(tmp_path: Path) -> None:
+    """A model reading fraud_count_8d gets an 8-day window in the store and rules schema."""
+    doc = orjson.loads(orjson.dumps(ARTIFACT))
+    doc["features"] = ["amount", "by_customer.mean_30d", "by_terminal.fraud_count_8d"]
+    path = tmp_path / "model.json"
+    path.write_bytes(orjson.dumps(doc))
+    detector = build_detector(Settings(project="p", model_path=str(path)))
+    assert isinstance(detector.store, MemoryStore)
+    assert 8 * 86400 in detector.store.config.windows
+    assert "by_terminal.fraud_count_8d" in detector.model.variables  # type: ignore[union-attr]
