@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, NamedTuple
@@ -119,6 +120,8 @@ class Transaction(_Fields):
 #: The optional text fields after `timestamp`, in declaration order.
 _TEXT_FIELDS = Transaction._fields[5:]
 _new = tuple.__new__
+#: The largest finite float: `0 <= x <= _FLOAT_MAX` is false for NaN and infinities.
+_FLOAT_MAX = sys.float_info.max
 
 
 @functools.cache
@@ -196,6 +199,48 @@ def validate(raw: dict[str, Any]) -> Transaction:
         InvalidTransaction: with one (field, problem) pair per invalid field: reserved verdict
             fields first, in input order, then the transaction's fields in declaration order.
     """
+    get = raw.get
+    amount: Any = get("amount")
+    customer_id = get("customer_id")
+    transaction_id = get("transaction_id")
+    currency = get("currency", "USD")
+    timestamp = get("timestamp")
+    texts = [get(name) for name in _TEXT_FIELDS]
+    # Fast path, the usual transaction: a number amount, valid texts, no reserved field. Any
+    # doubt falls through to the complete check, which also writes the problems.
+    texts_ok = True
+    for value in texts:
+        if value is not None and (type(value) is not str or not 0 < len(value) <= TEXT_MAX):
+            texts_ok = False
+            break
+    amount_type = type(amount)
+    if (
+        texts_ok
+        and (amount_type is float or amount_type is int)
+        and 0 <= amount <= _FLOAT_MAX
+        and type(customer_id) is str
+        and 0 < len(customer_id) <= TEXT_MAX
+        and (
+            transaction_id is None
+            or (type(transaction_id) is str and 0 < len(transaction_id) <= TEXT_MAX)
+        )
+        and (currency == "USD" or (type(currency) is str and _CURRENCY.fullmatch(currency)))
+        and VERDICT_FIELDS.isdisjoint(raw)
+    ):
+        if timestamp is not None:
+            try:
+                timestamp = _timestamp(timestamp)
+            except ValueError:
+                return _check(raw)
+        return _new(
+            Transaction,
+            (float(amount), customer_id, transaction_id, currency, timestamp, *texts),
+        )
+    return _check(raw)
+
+
+def _check(raw: dict[str, Any]) -> Transaction:
+    """`validate`, field by field, collecting every problem."""
     problems: list[tuple[str, str]] = [
         (name, "is a verdict field and cannot be set by a transaction")
         for name in raw
