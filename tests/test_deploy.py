@@ -531,13 +531,16 @@ def test_emulator_provisioning_lifecycle(
     from google.cloud import pubsub_v1
     from google.pubsub_v1.types import Encoding
 
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    # A transactions topic that already exists without a schema gets the schema attached.
+    publisher.create_topic(name=publisher.topic_path(PROJECT, names["transactions"]))
+
     args = emulator_args(emulator, names)
     first = run_deploy(*args, config=tmp_path / "gcloud")
     assert first.returncode == 0, first.stderr
+    assert f"did: attach schema {names['schema']} to topic {names['transactions']}" in first.stderr
     assert "summary: did 7, skipped 0" in first.stderr
-
-    publisher = pubsub_v1.PublisherClient()
-    subscriber = pubsub_v1.SubscriberClient()
 
     def topic(name: str) -> str:
         return publisher.topic_path(PROJECT, name)
