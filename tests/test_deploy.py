@@ -36,7 +36,12 @@ TOOLS = (
 
 
 def run_deploy(
-    *args: str, config: Path, path: str | None = None, timeout: float = 300, script: Path = DEPLOY
+    *args: str,
+    config: Path,
+    path: str | None = None,
+    timeout: float = 300,
+    script: Path = DEPLOY,
+    offline: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run deploy.sh with a fresh, empty gcloud configuration (no account, no credentials)."""
     config.mkdir(parents=True, exist_ok=True)
@@ -47,6 +52,10 @@ def run_deploy(
         "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
         "LC_ALL": "C.UTF-8",
     }
+    if offline:  # real-project runs: whatever gcloud tries, it cannot reach anything
+        env.update(
+            CLOUDSDK_PROXY_TYPE="http", CLOUDSDK_PROXY_ADDRESS="127.0.0.1", CLOUDSDK_PROXY_PORT="9"
+        )
     return subprocess.run(
         [str(script), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -478,7 +487,7 @@ def test_failing_gcloud_step_is_named(tmp_path: Path) -> None:
     """With no account the first gcloud step fails: it is named, with gcloud's reason."""
     result = run_deploy(
         "--project", "fraud-proj", "--region", "europe-west1",
-        "--staging-dir", str(tmp_path / "upload"), config=tmp_path / "gcloud",
+        "--staging-dir", str(tmp_path / "upload"), config=tmp_path / "gcloud", offline=True,
     )  # fmt: skip
     assert result.returncode == 1
     assert 'step "list enabled APIs" failed' in result.stderr
