@@ -487,13 +487,14 @@ _NA = object()  # placeholder for an absent amount ratio in generated code
 
 def _compile_features(
     kind: str, windows: Sequence[int], needed: frozenset[str] | None
-) -> Callable[[_History, float, float, float], dict[str, float]]:
-    """Generate the fast-path feature function of one kind for one `needed` set.
+) -> Callable[[_History, _Record, float, float, int, bool], dict[str, float]]:
+    """Generate the fast path of one kind for one `needed` set: features, then record.
 
-    The generated code unrolls the windows (largest first, stopping at the first empty one)
-    and returns dict displays with constant keys, about twice as fast as filling a dict key by
-    key. Its arithmetic is that of `FeatureBuilder.build`; the property tests compare the two
-    exactly.
+    `step(history, tx, lookback, keep, longest_window, track_distinct)` is for a transaction
+    that comes after everything in the history. The generated code unrolls the windows
+    (largest first, stopping at the first empty one: smaller ones are empty too) and builds
+    dict displays with constant keys. Its arithmetic is that of `FeatureBuilder.build`; the
+    property tests compare the two exactly.
     """
     names = feature_names(windows, kind)
     wanted = names if needed is None else names & needed
@@ -536,7 +537,7 @@ def _compile_features(
         return [f"{key!r}: 0.0" for var, key in keys_of(order[k]).items() if var != "r"]
 
     def finish(done: int, indent: str) -> list[str]:
-        """Return statement after computing windows 0..done-1 (the rest are empty)."""
+        """Build `out` after computing windows 0..done-1 (the rest are empty)."""
         items = []
         for k in range(len(order)):
             items += values(k) if k < done else zeros(k)
@@ -547,77 +548,122 @@ def _compile_features(
                 lines.append(f"{indent}if r{k} is not _NA: out[{ratio!r}] = r{k}")
         if "seconds_since_last" in wanted:
             lines.append(f"{indent}if gap is not None: out['seconds_since_last'] = gap")
-        lines.append(f"{indent}return out")
         return lines
 
+    computed = [(k, window) for k, window in enumerate(order) if keys_of(window)]
+
+    def block(i: int, indent: str) -> list[str]:
+        """Window computed[i] and, when it is not empty, the smaller ones inside it."""
+        if i == len(computed):
+            return finish(len(order), indent)
+        k, window = computed[i]
+        keys = keys_of(window)
+        inner = indent + "    "
+        lines = [
+            f"{indent}lo = bisect_right(times, ts - {window}, lo)",
+            f"{indent}c{k} = n - lo",
+            f"{indent}if not c{k}:",
+            *finish(k, inner),
+            f"{indent}else:",
+            f"{inner}la = lo + base",
+            f"{inner}while peaks[pi] < la:",
+            f"{inner}    pi += 1",
+            f"{inner}x{k} = txs[peaks[pi] - base][2]",
+            f"{inner}s{k} = (sa - sums[lo]) / {MICROS}",
+            f"{inner}m{k} = s{k} / c{k}",
+            f"{inner}r{k} = amount / m{k} if m{k} > 0 else _NA",
+            f"{inner}f{k} = fa - frauds[lo]",
+        ]
+        for n in range(len(attrs)):
+            if f"d{n}" in keys:
+                lines.append(
+                    f"{inner}d{n}{k} = float(len(p{n}) - bisect_left(p{n}, la)) if p{n} else 0.0"
+                )
+        return lines + block(i + 1, inner)
+
     body = [
-        "def compute(h, ts, amount, lookback):",
+        "def step(h, tx, lookback, keep, longest, track):",
+        "    ts = tx[0]",
+        "    amount = tx[2]",
         "    times = h.ts",
         "    n = len(times)",
-        "    if not n:",
-        "        gap = None",
-        *finish(0, "        "),
-        "    last = times[-1]",
-        "    gap = ts - last if last > ts - lookback else None",
         "    base = h.base",
         "    sums = h.sums",
         "    frauds = h.frauds",
         "    peaks = h.peaks",
         "    txs = h.txs",
-        f"    {', '.join(f'p{n}' for n in range(len(attrs)))}, = h.lasts",
         "    sa = sums[-1]",
         "    fa = frauds[-1]",
-        "    lo = 0",
-        "    pi = 0",
+        "    if not n:",
+        "        gap = None",
+        *finish(0, "        "),
+        "    else:",
+        "        last = times[-1]",
+        "        gap = ts - last if last > ts - lookback else None",
+        f"        {', '.join(f'p{n}' for n in range(len(attrs)))}, = h.lasts",
+        "        lo = 0",
+        "        pi = 0",
+        *block(0, "        "),
+        # Record: the transaction comes after everything in the history.
+        "    end = base + n",
+        "    while peaks and txs[peaks[-1] - base][2] <= amount:",
+        "        peaks.pop()",
+        "    peaks.append(end)",
+        "    times.append(ts)",
+        "    txs.append(tx)",
+        "    sums.append(sa + tx[3])",
+        "    frauds.append(fa)",
+        "    if track:",
+        "        lasts = h.lasts",
+        "        maps = h.last",
     ]
-    for k, window in enumerate(order):
-        keys = keys_of(window)
-        if not keys:
-            continue
+    for n, attr in enumerate(attrs):
         body += [
-            f"    lo = bisect_right(times, ts - {window}, lo)",
-            f"    c{k} = n - lo",
-            f"    if not c{k}:",
-            *finish(k, "        "),
-            "    la = lo + base",
-            "    while peaks[pi] < la:",
-            "        pi += 1",
-            f"    x{k} = txs[peaks[pi] - base][2]",
-            f"    s{k} = (sa - sums[lo]) / {MICROS}",
-            f"    m{k} = s{k} / c{k}",
-            f"    r{k} = amount / m{k} if m{k} > 0 else _NA",
-            f"    f{k} = fa - frauds[lo]",
+            f"        value = tx[{_ATTR_INDEX[attr]}]",
+            "        if value is not None:",
+            f"            seen = maps[{n}]",
+            "            old = seen.get(value)",
+            f"            positions = lasts[{n}]",
+            "            if old is not None:",
+            "                del positions[bisect_left(positions, old)]",
+            "            positions.append(end)",
+            "            seen[value] = end",
         ]
-        for n in range(len(attrs)):
-            if f"d{n}" in keys:
-                body.append(
-                    f"    d{n}{k} = float(len(p{n}) - bisect_left(p{n}, la)) if p{n} else 0.0"
-                )
-    # Windows not wanted at all stay out of the display; the loop above skipped them.
-    body += finish(len(order), "    ")
+    body += [
+        "    if times[0] <= ts - keep:",
+        "        cutoff = ts - keep",
+        "        if len(times) >= 64 or times[len(times) // 2] <= cutoff:",
+        "            h.trim(cutoff)",
+        "    if len(peaks) > 8:",
+        "        # Peaks older than the longest window are never read again.",
+        "        floor = h.base + bisect_right(times, ts - longest)",
+        "        if peaks[0] < floor:",
+        "            del peaks[: bisect_left(peaks, floor)]",
+        "    return out",
+    ]
     source = "\n".join(body)
     namespace: dict[str, object] = {
         "bisect_left": bisect_left,
         "bisect_right": bisect_right,
         "_NA": _NA,
     }
-    exec(compile(source, f"<state features {kind}>", "exec"), namespace)
-    return namespace["compute"]  # type: ignore[return-value]
+    exec(compile(source, f"<state step {kind}>", "exec"), namespace)
+    return namespace["step"]  # type: ignore[return-value]
 
 
 class _Plan:
     """How the memory fast path computes one entity kind's features for a `needed` set.
 
-    `compute(history, ts, amount, lookback)` is generated code (see `_compile_features`);
+    `step(history, tx, lookback, keep, longest, track)` is generated (see `_compile_features`);
     `keys` are the features to return, or None for all (used to trim the slow path's output).
     """
 
-    __slots__ = ("compute", "keys")
+    __slots__ = ("keys", "step")
 
     def __init__(self, kind: str, windows: Sequence[int], needed: frozenset[str] | None) -> None:
         names = feature_names(windows, kind)
         self.keys = None if needed is None else tuple(sorted(names & needed))
-        self.compute = _compile_features(kind, windows, needed)
+        self.step = _compile_features(kind, windows, needed)
 
     def select(self, features: dict[str, float]) -> dict[str, float]:
         """Only the needed features."""
@@ -664,6 +710,7 @@ class MemoryStore:
         self._next_sweep = float("-inf")
         self._plans: dict[frozenset[str] | None, dict[str, _Plan]] = {}
         self._track_distinct = False
+        self._longest = self._windows[-1]
 
     def __len__(self) -> int:
         """Number of transactions remembered (for idempotency and labels)."""
@@ -734,7 +781,9 @@ class MemoryStore:
             times = history.ts
             plan = plans[kind]
             if not times or ts > times[-1] or (ts == times[-1] and txid > history.txs[-1][_TXID]):
-                features[kind] = self._append(history, tx, plan)
+                features[kind] = plan.step(
+                    history, tx, self._lookback, self._keep, self._longest, self._track_distinct
+                )
             else:
                 raws, gap = self._insert(history, tx)
                 out = self._builder.build(kind, amount, raws, gap)
@@ -745,51 +794,6 @@ class MemoryStore:
             if ts >= self._next_sweep:
                 self._sweep()
         return features
-
-    def _append(self, h: _History, tx: _Record, plan: _Plan) -> dict[str, float]:
-        """Fast path: tx comes after everything in the history. Features, then record."""
-        ts = tx[0]
-        amount = tx[2]
-        out = plan.compute(h, ts, amount, self._lookback)
-        times = h.ts
-        n = len(times)
-        base = h.base
-        sums = h.sums
-        frauds = h.frauds
-        peaks = h.peaks
-        txs = h.txs
-        lasts = h.lasts
-        total_all = sums[-1]
-        fraud_all = frauds[-1]
-        # Record.
-        end = base + n
-        while peaks and txs[peaks[-1] - base][2] <= amount:
-            peaks.pop()
-        peaks.append(end)
-        times.append(ts)
-        txs.append(tx)
-        sums.append(total_all + tx[3])
-        frauds.append(fraud_all)
-        for i, attr in enumerate(h.attrs if self._track_distinct else ()):
-            value: str | None = tx[attr]  # type: ignore[assignment]
-            if value is not None:
-                last = h.last[i]
-                old = last.get(value)
-                positions = lasts[i]
-                if old is not None:
-                    del positions[bisect_left(positions, old)]
-                positions.append(end)
-                last[value] = end
-        if times[0] <= ts - self._keep:
-            cutoff = ts - self._keep
-            if len(times) >= 64 or times[len(times) // 2] <= cutoff:
-                h.trim(cutoff)
-        if len(peaks) > 8:
-            # Peaks older than the longest window are never read again.
-            floor = h.base + bisect_right(times, ts - self._windows[-1])
-            if peaks[0] < floor:
-                del peaks[: bisect_left(peaks, floor)]
-        return out
 
     def _insert(self, h: _History, tx: _Record) -> tuple[list[Raw], float | None]:
         """Slow path: tx arrived after later transactions of this entity."""
