@@ -59,6 +59,8 @@ local function bytes_lt(a, b)
   return #a < #b
 end
 
+local ROW = '^(.-)%z(.-)%z(.-)%z(.-)%z(.-)%z(.*)$'
+
 local function split(m)
   local parts = {}
   local start = 1
@@ -106,38 +108,47 @@ for e = 1, nent do
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', fkey, '(' .. fmt(oldest), fmt(ts))) do
     frauds[id] = true
   end
-  local cnt, tot, hi, fc, nd = {}, {}, {}, {}, {}
-  local seen = {}
+  -- Each prior row falls in one band (the smallest window holding it); windows are sums of
+  -- bands. A value is in window w when its newest occurrence is.
+  local cut, bc, bt, bh, bf = {}, {}, {}, {}, {}
   for w = 1, nwin do
-    cnt[w] = 0; tot[w] = 0; hi[w] = 0; fc[w] = 0
-    nd[w] = {0, 0, 0}
-    seen[w] = {{}, {}, {}}
+    cut[w] = ts - windows[w]
+    bc[w] = 0; bt[w] = 0; bh[w] = 0; bf[w] = 0
   end
+  local newest = {{}, {}, {}}
   local last = nil
   for i = 1, #rows, 2 do
-    local p = split(rows[i])
+    local id, micro, amount, a1, a2, a3 = string.match(rows[i], ROW)
     local s = tonumber(rows[i + 1])
-    local id = p[1]
     if id ~= txid and (s < ts or bytes_lt(id, txid)) then
       last = s
-      local micro, amount = tonumber(p[2]), tonumber(p[3])
-      local fraud = frauds[id]
+      local w = 1
+      while s <= cut[w] do w = w + 1 end
+      bc[w] = bc[w] + 1
+      bt[w] = bt[w] + tonumber(micro)
+      amount = tonumber(amount)
+      if amount > bh[w] then bh[w] = amount end
+      if frauds[id] then bf[w] = bf[w] + 1 end
+      if a1 ~= '' then newest[1][a1] = s end
+      if a2 ~= '' then newest[2][a2] = s end
+      if a3 ~= '' then newest[3][a3] = s end
+    end
+  end
+  local nd = {}
+  for w = 1, nwin do nd[w] = {0, 0, 0} end
+  for a = 1, 3 do
+    for _, s in pairs(newest[a]) do
       for w = 1, nwin do
-        if s > ts - windows[w] then
-          cnt[w] = cnt[w] + 1
-          tot[w] = tot[w] + micro
-          if amount > hi[w] then hi[w] = amount end
-          if fraud then fc[w] = fc[w] + 1 end
-          for a = 1, 3 do
-            local v = p[3 + a]
-            if v ~= '' and not seen[w][a][v] then
-              seen[w][a][v] = true
-              nd[w][a] = nd[w][a] + 1
-            end
-          end
-        end
+        if s > cut[w] then nd[w][a] = nd[w][a] + 1 end
       end
     end
+  end
+  local cnt, tot, hi, fc = {}, {}, {}, {}
+  local c, t, h, f = 0, 0, 0, 0
+  for w = 1, nwin do
+    c = c + bc[w]; t = t + bt[w]; f = f + bf[w]
+    if bh[w] > h then h = bh[w] end
+    cnt[w] = c; tot[w] = t; hi[w] = h; fc[w] = f
   end
   if last == nil and lookback > windows[nwin] then
     local older = redis.call('ZREVRANGEBYSCORE', hkey, fmt(oldest), '(' .. fmt(ts - lookback),
@@ -181,7 +192,8 @@ if status == 'new' then
     redis.call('EXPIRE', fkey, ttl)
   end
 end
-return out
+-- One bulk string: parsing one reply item is much cheaper for the client than ninety.
+return table.concat(out, ' ')
 """
 )
 
@@ -316,7 +328,8 @@ class RedisStore:
         reply = self._run(
             "observe", keys, [stamp, txid, member, *self._fixed, ents, *self._window_args]
         )
-        status = reply[0].decode()
+        fields = reply.split(b" ")
+        status = fields[0].decode()
         if status == "dup":
             log.info("transaction %s already recorded: scored, not counted again", txid)
         elif status == "late":
@@ -331,10 +344,10 @@ class RedisStore:
         for kind, _ in pairs:
             raws: list[Raw] = []
             for _w in range(nwin):
-                c, s, h, f, t, m, n = reply[at : at + 7]
+                c, s, h, f, t, m, n = fields[at : at + 7]
                 raws.append((int(c), int(s), float(h), int(f), int(t), int(m), int(n)))
                 at += 7
-            gap = float(reply[at]) if reply[at] else None
+            gap = float(fields[at]) if fields[at] else None
             at += 1
             features[kind] = select(self._builder.build(kind, event.amount, raws, gap), needed)
         return features
