@@ -21,8 +21,12 @@ Each round, for one functions-framework setting (``WORKERS`` x ``THREADS``):
    publish time - the transaction's publish time (the ``source_publish_time`` attribute both
    functions set), both taken by the emulator's clock; p50, p95, p99.
 3. The emulator's own ceiling: the same burst pushed to a null endpoint in this process that
-   answers 204 at once (no function, no republish) - if that is not much faster than the
-   pass-through, the emulator (or this machine) is the bottleneck, not the functions.
+   answers 204 at once (no function, no republish), with the peak number of pushes in flight.
+   The emulator keeps only about two pushes in flight per subscription (a null endpoint that
+   waits 20 ms gets ~90 pushes/s), so through it throughput is about 2 / request latency.
+4. Direct push: the same push requests POSTed straight to each function from ``--concurrency``
+   connections (default 16), as real Pub/Sub does when it raises push concurrency under load:
+   what the function itself can do, and what WORKERS and THREADS change.
 
 Transactions come from the project's simulator, enriched like bench_detect.py; each function
 instance sees each transaction once and in event-time order. ``--quick`` runs one tiny round
@@ -32,6 +36,7 @@ instance sees each transaction once and in event-time order. ``--quick`` runs on
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import os
 import statistics
@@ -42,7 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -148,6 +153,7 @@ class NullEndpoint:
     """A push endpoint that answers 204 at once: the emulator's own push ceiling."""
 
     def __init__(self) -> None:
+        self.delay = 0.0  # seconds each answer waits, to see how many pushes run at once
         self.times: list[float] = []
         self.inflight = 0
         self.peak = 0
@@ -162,6 +168,8 @@ class NullEndpoint:
                     outer.inflight += 1
                     outer.peak = max(outer.peak, outer.inflight)
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if outer.delay:
+                    time.sleep(outer.delay)
                 self.send_response(204)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -194,6 +202,7 @@ class Target:
     collector: Collector | None
     sessions: set[int]
     source: Iterator[bytes] | None = None
+    url: str = ""
 
 
 class Bench:
@@ -317,6 +326,79 @@ def null_burst(bench: Bench, null: NullEndpoint, topic: str, count: int, timeout
 
 
 @dataclass
+class Direct:
+    throughput: float  # requests answered per second
+    p50: float  # request latency, ms
+    p99: float
+    failed: int
+
+
+def direct(target: Target, count: int, concurrency: int) -> Direct:
+    """POST push requests straight to the function from `concurrency` connections at once.
+
+    What the function can do when pushes are not limited by the emulator (which keeps only
+    about two in flight per subscription): real Pub/Sub raises push concurrency with success.
+    """
+    import http.client
+
+    run = unique(f"direct-{target.name}")
+    payloads, _ = batch(target, count, run)
+    path = f"/projects/{PROJECT}/topics/{target.topic}"
+    bodies = [
+        orjson.dumps(
+            {
+                "message": {
+                    "data": base64.b64encode(data).decode(),
+                    "attributes": {},
+                    "messageId": f"{run}-{index}",
+                    "publishTime": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                },
+                "subscription": f"projects/{PROJECT}/subscriptions/direct",
+            }
+        )
+        for index, data in enumerate(payloads)
+    ]
+    host, port = target.url.removeprefix("http://").split(":")
+    queue = iter(bodies)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures = [0]
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        headers = {"Content-Type": "application/json"}
+        while True:
+            with lock:
+                body = next(queue, None)
+            if body is None:
+                break
+            began = time.perf_counter()
+            connection.request("POST", path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            took = time.perf_counter() - began
+            with lock:
+                latencies.append(took * 1000)
+                if response.status >= 300:
+                    failures[0] += 1
+        connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return Direct(
+        throughput=count / elapsed,
+        p50=_report.percentile(latencies, 50),
+        p99=_report.percentile(latencies, 99),
+        failed=failures[0],
+    )
+
+
+@dataclass
 class Delays:
     p50: float
     p95: float
@@ -391,7 +473,7 @@ def run_setting(
             bench.push(topic, url)
             port = url.rsplit(":", 1)[1]
             targets[name] = Target(
-                name, topic, collector, sessions_with(f"--port {port}"), stream(args.customers)
+                name, topic, collector, sessions_with(f"--port {port}"), stream(args.customers), url
             )
         null_topic = bench.topic("null-in")
         bench.push(null_topic, null.url)
@@ -404,6 +486,8 @@ def run_setting(
             row["detector_max"] = burst(bench, targets["detector"], args.count, args.timeout)
             row["null_max"] = null_burst(bench, null, null_topic, args.count, args.timeout)
             row["null_peak"] = null.peak
+            for name in ("passthrough", "detector"):
+                row[f"{name}_direct"] = direct(targets[name], args.count, args.concurrency)
             rate = row["passthrough_max"].throughput / 2
             row["rate"] = rate
             row["passthrough_delay"] = steady(
@@ -428,7 +512,7 @@ def _print_round(row: dict[str, Any]) -> None:
     )
 
 
-def report(rows: Sequence[dict[str, Any]]) -> None:
+def report(rows: Sequence[dict[str, Any]], args_concurrency: int) -> None:
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_setting.setdefault(row["setting"], []).append(row)
@@ -462,6 +546,36 @@ def report(rows: Sequence[dict[str, Any]]) -> None:
              "null endpoint (emulator ceiling)", "null: pushes in flight (peak)",
              "detector CPU s / 1000 tx", "pass-through CPU s / 1000 tx",
              "publisher msgs/s", "missing (detector / pass-through)"],
+            table,
+        )
+    )  # fmt: skip
+    print(
+        f"\nDirect push, {args_concurrency} connections straight to the function (no emulator "
+        "in front; requests/s and latency in ms, median of rounds):\n"
+    )
+    table = []
+    for label, group in by_setting.items():
+        d = [r["detector_direct"] for r in group]
+        p = [r["passthrough_direct"] for r in group]
+        ratio = med([a.throughput / b.throughput for a, b in zip(d, p, strict=True)])
+        table.append(
+            (
+                label,
+                f"{med([x.throughput for x in d]):.0f}",
+                f"{med([x.throughput for x in p]):.0f}",
+                f"{ratio * 100:.0f} %",
+                f"{med([x.p50 for x in d]):.1f}",
+                f"{med([x.p99 for x in d]):.1f}",
+                f"{med([x.p50 for x in p]):.1f}",
+                f"{med([x.p99 for x in p]):.1f}",
+                f"{sum(x.failed for x in d)} / {sum(x.failed for x in p)}",
+            )
+        )
+    print(
+        _report.table(
+            ["WORKERS x THREADS", "detect_fraud /s", "pass-through /s",
+             "detector / pass-through", "detector p50", "p99", "pass-through p50", "p99",
+             "failed (detector / pass-through)"],
             table,
         )
     )  # fmt: skip
@@ -514,6 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds per setting")
     parser.add_argument("--count", type=int, help="transactions per maximum-throughput burst")
     parser.add_argument("--seconds", type=float, help="length of each steady-rate run")
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="connections of the direct-push run"
+    )
     parser.add_argument("--timeout", type=float, default=120, help="wait for verdicts (s)")
     parser.add_argument("--customers", type=int, default=2000, help="simulated customers")
     parser.add_argument("--logs", type=Path, help="keep the functions' and emulator's logs here")
@@ -551,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             null.close()
             bench.close()
-    report(rows)
+    report(rows, args.concurrency)
     return 0
 
 

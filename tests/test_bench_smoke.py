@@ -44,11 +44,12 @@ def test_bench_e2e_quick_runs() -> None:
     """bench_e2e.py --quick pushes through both functions and reports rate and delay."""
     out = run_quick("bench_e2e.py", "--count", "30", "--seconds", "1")
     assert "Maximum throughput (verdicts/s, median of rounds):" in out
+    assert "Direct push, 16 connections straight to the function" in out
     assert "Delay publish-to-verdict at half the pass-through's maximum rate" in out
     assert "Target (default setting " in out
     # Every transaction came back from both functions: nothing lost on the way.
     rows = [line for line in out.splitlines() if line.startswith("| 1x")]
-    assert len(rows) == 2
+    assert len(rows) == 3
     assert all(row.rstrip(" |").endswith("0 / 0") for row in rows), rows
 
 
