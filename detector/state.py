@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -681,7 +682,7 @@ _KIND_ATTRS = {
 class MemoryStore:
     """State in this process's memory: the embedded default (one process, tests, replay).
 
-    Not thread-safe: serve one observe or record_label at a time.
+    Calls are serialized by a lock (functions-framework serves requests from several threads).
     """
 
     def __init__(self, config: StateConfig | None = None) -> None:
@@ -711,6 +712,7 @@ class MemoryStore:
         self._plans: dict[frozenset[str] | None, dict[str, _Plan]] = {}
         self._track_distinct = False
         self._longest = self._windows[-1]
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         """Number of transactions remembered (for idempotency and labels)."""
@@ -741,6 +743,10 @@ class MemoryStore:
 
     def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
         """See `StateStore.observe`."""
+        with self._lock:
+            return self._observe(event, needed)
+
+    def _observe(self, event: Event, needed: frozenset[str] | None) -> Features:
         ts = event.timestamp
         txid = event.transaction_id
         if txid in self._txs:
@@ -844,6 +850,10 @@ class MemoryStore:
 
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         """See `StateStore.record_label`."""
+        with self._lock:
+            return self._record_label(transaction_id, is_fraud)
+
+    def _record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         known = self._txs.get(transaction_id)
         old = self._labels.get(transaction_id)
         if known is None:
@@ -868,10 +878,11 @@ class MemoryStore:
 
     def close(self) -> None:
         """Drop all state."""
-        for histories in self._entities.values():
-            histories.clear()
-        self._txs.clear()
-        self._labels.clear()
+        with self._lock:
+            for histories in self._entities.values():
+                histories.clear()
+            self._txs.clear()
+            self._labels.clear()
 
 
 def open_store(config: StateConfig, redis_url: str | None) -> StateStore:

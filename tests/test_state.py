@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -575,3 +577,38 @@ def test_distinct_counts_stay_exact_when_first_asked_late(make_store: Factory) -
     assert got["customer"]["distinct_countries_10s"] == 1.0
     after = store.observe(ev("c", 1011, terminal="t1"))
     assert after["customer"]["distinct_terminals_100s"] == 4.0
+
+
+def test_concurrent_redeliveries_count_once(make_store: Factory) -> None:
+    """Threads delivering the same transactions at once (like several instances): each once."""
+    config = StateConfig(windows=(1000,), allowed_lateness=1000)
+    events = [ev(f"t{i:03d}", 1000 + i, 1.0 + i % 3) for i in range(150)]
+    stores = [make_store(config) for _ in range(4)]
+    if isinstance(stores[0], RedisStore):
+        for store in stores[1:]:
+            assert isinstance(store, RedisStore)
+            store.prefix = stores[0].prefix  # one shared Redis keyspace
+    else:
+        stores = [stores[0]] * 4  # one process, many threads
+
+    def deliver(store: StateStore, order: list[Event]) -> None:
+        for event in order:
+            store.observe(event)
+
+    orders = [events, events[::-1], events[::2] + events[1::2], events[1::2] + events[::2]]
+    threads = [
+        threading.Thread(target=deliver, args=(store, order))
+        for store, order in zip(stores, orders, strict=True)
+    ]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so that races would show
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    got = stores[0].observe(ev("last", 1200, 1.0))["customer"]
+    assert got["count_1000s"] == 150.0
+    assert got["sum_1000s"] == sum(e.amount for e in events)
