@@ -1,6 +1,7 @@
 """`python -m detector`: offline tools around the detection core.
 
     schemas   write (or --check) the schema files in schemas/
+    rules     check a rules file against the variables the detector provides
     replay    backtest: run the detector over a file of transactions (detector/replay.py)
     train     train the risk model from a file of transactions (detector/train.py)
 
@@ -38,9 +39,31 @@ def _add_schemas(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(run=_schemas)
 
 
+def _rules(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from detector.app import load_risk_model, load_rules, state_config
+    from detector.settings import Settings
+
+    settings = Settings(project="", rules_file=Path(args.file), model_path=args.model)
+    ruleset = load_rules(settings, state_config(load_risk_model(settings)))
+    print(f"{args.file}: {len(ruleset.rules)} rules, version {ruleset.version}: ok")
+    return 0
+
+
+def _add_rules(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("rules", help="check a rules file before deploying it")
+    parser.add_argument("file", help="the rules file (YAML)")
+    parser.add_argument(
+        "--model", help="model artifact whose windows rules may read (default: bundled)"
+    )
+    parser.set_defaults(run=_rules)
+
+
 #: Functions that add one subcommand each; the subcommand sets `run` on its namespace.
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_schemas,
+    _add_rules,
 ]
 
 
