@@ -567,14 +567,22 @@ def _compile_features(
             *finish(k, inner),
             f"{indent}else:",
             f"{inner}la = lo + base",
-            f"{inner}while peaks[pi] < la:",
-            f"{inner}    pi += 1",
-            f"{inner}x{k} = txs[peaks[pi] - base][2]",
-            f"{inner}s{k} = (sa - sums[lo]) / {MICROS}",
-            f"{inner}m{k} = s{k} / c{k}",
-            f"{inner}r{k} = amount / m{k} if m{k} > 0 else _NA",
-            f"{inner}f{k} = fa - frauds[lo]",
         ]
+        # Only what the wanted features read.
+        if "x" in keys:
+            lines += [
+                f"{inner}while peaks[pi] < la:",
+                f"{inner}    pi += 1",
+                f"{inner}x{k} = txs[peaks[pi] - base][2]",
+            ]
+        if keys.keys() & {"s", "m", "r"}:
+            lines.append(f"{inner}s{k} = (sa - sums[lo]) / {MICROS}")
+        if keys.keys() & {"m", "r"}:
+            lines.append(f"{inner}m{k} = s{k} / c{k}")
+        if "r" in keys:
+            lines.append(f"{inner}r{k} = amount / m{k} if m{k} > 0 else _NA")
+        if keys.keys() & {"f", "fs"}:
+            lines.append(f"{inner}f{k} = fa - frauds[lo]")
         for n in range(len(attrs)):
             if f"d{n}" in keys:
                 lines.append(
@@ -601,7 +609,9 @@ def _compile_features(
         "    else:",
         "        last = times[-1]",
         "        gap = ts - last if last > ts - lookback else None",
-        f"        {', '.join(f'p{n}' for n in range(len(attrs)))}, = h.lasts",
+        f"        {', '.join(f'p{n}' for n in range(len(attrs)))}, = h.lasts"
+        if any(name.startswith("distinct_") for name in wanted)
+        else "        pass",
         "        lo = 0",
         "        pi = 0",
         *block(0, "        "),
