@@ -5,6 +5,14 @@ Every transaction names up to four entities (customer, card, terminal, merchant)
 windows (default 1h, 1d, 7d, 30d) and records the transaction, exactly once per
 transaction_id. `StateStore.record_label` applies a fraud label to a recorded transaction.
 
+Features of each entity map, per window W (suffix from `window_name`: 1h, 1d, 7d, 30d):
+``count_W``, ``sum_W``, ``mean_W``, ``max_W`` (0.0 when the window is empty),
+``amount_ratio_W`` (this amount / mean_W; absent when the window is empty or its mean is 0),
+``distinct_terminals_W`` (not for terminals), ``distinct_merchants_W`` (not for merchants),
+``distinct_countries_W``, ``fraud_count_W``, ``fraud_share_W`` (fraud_count / count, 0.0 when
+empty); and ``seconds_since_last`` (absent without an earlier transaction in the lookback).
+All values are floats. `feature_names(windows, entity)` lists them.
+
 Semantics shared by every store (the same test suite runs against each):
 
 - Order. Transactions are ordered by ``(timestamp, transaction_id)``. A transaction's
