@@ -480,7 +480,8 @@ def run_setting(
         # Warm up: the first requests import and connect the Pub/Sub client.
         for target in targets.values():
             burst(bench, target, 20, args.timeout)
-        for _ in range(args.rounds):
+        rounds = args.rounds if setting == args.first_setting else args.other_rounds
+        for _ in range(rounds):
             row: dict[str, Any] = {"setting": setting.label}
             row["passthrough_max"] = burst(bench, targets["passthrough"], args.count, args.timeout)
             row["detector_max"] = burst(bench, targets["detector"], args.count, args.timeout)
@@ -625,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one tiny round (smoke test)")
     parser.add_argument("--settings", help="WORKERSxTHREADS list, e.g. 1x8,1x16,2x8")
-    parser.add_argument("--rounds", type=int, help="rounds per setting")
+    parser.add_argument("--rounds", type=int, help="rounds of the first setting (default 3)")
+    parser.add_argument("--other-rounds", type=int, help="rounds of the other settings (1)")
     parser.add_argument("--count", type=int, help="transactions per maximum-throughput burst")
     parser.add_argument("--seconds", type=float, help="length of each steady-rate run")
     parser.add_argument(
@@ -639,16 +641,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(
         args.settings or (f"1x{default_threads}" if args.quick else f"1x{default_threads},1x16,2x8")
     )
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.other_rounds = args.other_rounds or 1
+    args.first_setting = settings[0]
     args.count = args.count or (60 if args.quick else 2000)
-    args.seconds = args.seconds or (2.0 if args.quick else 10.0)
+    args.seconds = args.seconds or (2.0 if args.quick else 15.0)
     if args.quick:
         args.customers = 50
 
     print(_report.header("End to end on the emulator (bench/bench_e2e.py)"))
     print(
         f"Settings {', '.join(s.label for s in settings)} (functions-framework default "
-        f"1x{default_threads} here: WORKERS=1, THREADS=4 x CPUs); {args.rounds} round(s) each; "
+        f"1x{default_threads} here: WORKERS=1, THREADS=4 x CPUs); {args.rounds} round(s) of the first, "
+        f"{args.other_rounds} of the others; "
         f"bursts of {args.count}; steady runs of {args.seconds:g} s. Everything (emulator, "
         "both functions, publisher and collector) shares this machine.\n"
     )
