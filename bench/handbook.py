@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import subprocess
 import sys
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{timings['replay_rate']:,.0f} tx/s wall, {timings['replay_cpu_rate']:,.0f} tx/s "
         f"of CPU time, evaluate {timings['evaluate']:.0f} s) on "
         f"{platform.python_implementation()} {platform.python_version()}, "
-        f"{platform.machine()}."
+        f"{platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end."
     )
     print(
         f"Model: {timings['model_kb']:.0f} KB artifact; scoring {timings['score_us']:.1f} us of "
