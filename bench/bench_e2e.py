@@ -26,7 +26,8 @@ Each round, for one functions-framework setting (``WORKERS`` x ``THREADS``):
    waits 20 ms gets ~90 pushes/s), so through it throughput is about 2 / request latency.
 4. Direct push: the same push requests POSTed straight to each function from ``--concurrency``
    connections (default 16), as real Pub/Sub does when it raises push concurrency under load:
-   what the function itself can do, and what WORKERS and THREADS change.
+   what the function itself can do, and what WORKERS and THREADS change. A third function,
+   ``detect_fraud`` with ``MODEL_PATH=none``, runs here too: how much of the gap is the model's.
 
 Transactions come from the project's simulator, enriched like bench_detect.py; each function
 instance sees each transaction once and in event-time order. ``--quick`` runs one tiny round
@@ -461,12 +462,14 @@ def run_setting(
     }
     targets: dict[str, Target] = {}
     with contextlib.ExitStack() as stack:
-        for name, source, function in (
-            ("detector", ROOT / "detector" / "main.py", "detect_fraud"),
-            ("passthrough", ROOT / "bench" / "passthrough" / "main.py", "passthrough"),
+        for name, source, function, extra in (
+            ("detector", ROOT / "detector" / "main.py", "detect_fraud", {}),
+            ("passthrough", ROOT / "bench" / "passthrough" / "main.py", "passthrough", {}),
+            # Only for the direct push: how much of the gap is the model's.
+            ("nomodel", ROOT / "detector" / "main.py", "detect_fraud", {"MODEL_PATH": "none"}),
         ):
             results, dead = bench.topic(f"{name}-out"), bench.topic(f"{name}-dead")
-            env = {**env_common, "RESULTS_TOPIC": results, "DEAD_LETTER_TOPIC": dead}
+            env = {**env_common, **extra, "RESULTS_TOPIC": results, "DEAD_LETTER_TOPIC": dead}
             url = stack.enter_context(function_server(function, "cloudevent", env, workdir, source))
             topic = bench.topic(f"{name}-in")
             collector = bench.collect(results)
@@ -487,7 +490,7 @@ def run_setting(
             row["detector_max"] = burst(bench, targets["detector"], args.count, args.timeout)
             row["null_max"] = null_burst(bench, null, null_topic, args.count, args.timeout)
             row["null_peak"] = null.peak
-            for name in ("passthrough", "detector"):
+            for name in ("passthrough", "detector", "nomodel"):
                 row[f"{name}_direct"] = direct(targets[name], args.count, args.concurrency)
             rate = row["passthrough_max"].throughput / 2
             row["rate"] = rate
@@ -558,13 +561,16 @@ def report(rows: Sequence[dict[str, Any]], args_concurrency: int) -> None:
     for label, group in by_setting.items():
         d = [r["detector_direct"] for r in group]
         p = [r["passthrough_direct"] for r in group]
+        n = [r["nomodel_direct"] for r in group]
         ratio = med([a.throughput / b.throughput for a, b in zip(d, p, strict=True)])
+        ratio_n = med([a.throughput / b.throughput for a, b in zip(n, p, strict=True)])
         table.append(
             (
                 label,
                 f"{med([x.throughput for x in d]):.0f}",
                 f"{med([x.throughput for x in p]):.0f}",
                 f"{ratio * 100:.0f} %",
+                f"{med([x.throughput for x in n]):.0f} ({ratio_n * 100:.0f} %)",
                 f"{med([x.p50 for x in d]):.1f}",
                 f"{med([x.p99 for x in d]):.1f}",
                 f"{med([x.p50 for x in p]):.1f}",
@@ -575,7 +581,8 @@ def report(rows: Sequence[dict[str, Any]], args_concurrency: int) -> None:
     print(
         _report.table(
             ["WORKERS x THREADS", "detect_fraud /s", "pass-through /s",
-             "detector / pass-through", "detector p50", "p99", "pass-through p50", "p99",
+             "detector / pass-through", "detect_fraud, MODEL_PATH=none /s",
+             "detector p50", "p99", "pass-through p50", "p99",
              "failed (detector / pass-through)"],
             table,
         )
