@@ -64,6 +64,8 @@ DEFAULT_FEATURES: tuple[str, ...] = (
     "by_terminal.fraud_count_8d",
     "by_terminal.fraud_count_14d",
     "by_terminal.fraud_count_30d",
+    "by_customer.amount_ratio_1d",
+    "by_customer.max_7d",
 )
 MISSING = -1.0
 
@@ -76,11 +78,11 @@ class TrainError(ReplayError):
 class Params:
     """LightGBM settings; small trees keep pure-Python scoring fast."""
 
-    trees: int = 100
-    leaves: int = 16
-    max_depth: int = 6
-    learning_rate: float = 0.1
-    min_child_samples: int = 100
+    trees: int = 150
+    leaves: int = 8
+    max_depth: int = 4
+    learning_rate: float = 0.05
+    min_child_samples: int = 300
     seed: int = 0
 
 
