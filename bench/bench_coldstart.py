@@ -330,11 +330,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "flask already imported; each import counts only what earlier steps did not load):\n"
     )
     steps = load_steps(repeats)
-    rows = [(name, f"{value * 1000:.0f}") for name, value in steps]
-    rows.append(("total of the steps", f"{sum(v for _, v in steps) * 1000:.0f}"))
+    step_rows = [(name, f"{value * 1000:.0f}") for name, value in steps]
+    step_rows.append(("total of the steps", f"{sum(v for _, v in steps) * 1000:.0f}"))
     cpu = statistics.median(s["cpu"] for s in imports["detector/main.py"])
-    rows.append(("whole load of detector/main.py, CPU", f"{cpu * 1000:.0f}"))
-    print(_report.table(["step", "CPU ms"], rows))
+    step_rows.append(("whole load of detector/main.py, CPU", f"{cpu * 1000:.0f}"))
+    print(_report.table(["step", "CPU ms"], step_rows))
     return 0
 
 

@@ -559,23 +559,23 @@ def report(rows: Sequence[dict[str, Any]], args_concurrency: int) -> None:
     )
     table = []
     for label, group in by_setting.items():
-        d = [r["detector_direct"] for r in group]
-        p = [r["passthrough_direct"] for r in group]
-        n = [r["nomodel_direct"] for r in group]
-        ratio = med([a.throughput / b.throughput for a, b in zip(d, p, strict=True)])
-        ratio_n = med([a.throughput / b.throughput for a, b in zip(n, p, strict=True)])
+        dd = [r["detector_direct"] for r in group]
+        pp = [r["passthrough_direct"] for r in group]
+        nn = [r["nomodel_direct"] for r in group]
+        ratio = med([a.throughput / b.throughput for a, b in zip(dd, pp, strict=True)])
+        ratio_n = med([a.throughput / b.throughput for a, b in zip(nn, pp, strict=True)])
         table.append(
             (
                 label,
-                f"{med([x.throughput for x in d]):.0f}",
-                f"{med([x.throughput for x in p]):.0f}",
+                f"{med([x.throughput for x in dd]):.0f}",
+                f"{med([x.throughput for x in pp]):.0f}",
                 f"{ratio * 100:.0f} %",
-                f"{med([x.throughput for x in n]):.0f} ({ratio_n * 100:.0f} %)",
-                f"{med([x.p50 for x in d]):.1f}",
-                f"{med([x.p99 for x in d]):.1f}",
-                f"{med([x.p50 for x in p]):.1f}",
-                f"{med([x.p99 for x in p]):.1f}",
-                f"{sum(x.failed for x in d)} / {sum(x.failed for x in p)}",
+                f"{med([x.throughput for x in nn]):.0f} ({ratio_n * 100:.0f} %)",
+                f"{med([x.p50 for x in dd]):.1f}",
+                f"{med([x.p99 for x in dd]):.1f}",
+                f"{med([x.p50 for x in pp]):.1f}",
+                f"{med([x.p99 for x in pp]):.1f}",
+                f"{sum(x.failed for x in dd)} / {sum(x.failed for x in pp)}",
             )
         )
     print(
