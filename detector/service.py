@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 
 from detector.engine import Detector, Verdict
-from detector.errors import InvalidMessage, InvalidTransaction, MessageError
+from detector.errors import InvalidMessage, InvalidTransaction, MessageError, TransientError
 from detector.settings import Settings
 from detector.sinks import Sink
+from detector.state import StateError
 from detector.transaction import decode, rfc3339
 
 log = logging.getLogger(__name__)
@@ -153,19 +154,30 @@ class Service:
             self.dead_letter(message, error)
             return None
         now = self.clock()
-        verdict = self.detector.decide(
-            raw,
-            transaction,
-            message_id=message.message_id,
-            default_time=message.publish_time or now,
-            decided_at=now,
-        )
-        attributes = verdict.attributes()
-        if message.publish_time is not None:
-            attributes["source_publish_time"] = rfc3339(message.publish_time)
-        self.sink.publish(
-            self.settings.topic_path(self.settings.results_topic), verdict.encode(), attributes
-        )
+        try:
+            verdict = self.detector.decide(
+                raw,
+                transaction,
+                message_id=message.message_id,
+                default_time=message.publish_time or now,
+                decided_at=now,
+            )
+            attributes = verdict.attributes()
+            if message.publish_time is not None:
+                attributes["source_publish_time"] = rfc3339(message.publish_time)
+            self.sink.publish(
+                self.settings.topic_path(self.settings.results_topic), verdict.encode(), attributes
+            )
+        except (StateError, TransientError) as error:
+            log.error(
+                "message %s failed and will be redelivered: %s",
+                message.message_id,
+                error,
+                extra={
+                    "fields": {"message_id": message.message_id, "error_type": type(error).__name__}
+                },
+            )
+            raise
         self._log_verdict(verdict)
         return verdict
 
@@ -181,9 +193,13 @@ class Service:
             )
             return 400, error_body(error)
         now = self.clock()
-        verdict = self.detector.decide(
-            raw, transaction, message_id=None, default_time=now, decided_at=now
-        )
+        try:
+            verdict = self.detector.decide(
+                raw, transaction, message_id=None, default_time=now, decided_at=now
+            )
+        except StateError as error:
+            log.error("HTTP transaction failed: %s", error)
+            return 503, {"error": {"type": "unavailable", "message": str(error)}}
         self._log_verdict(verdict)
         return 200, dict(verdict.body)
 

@@ -39,9 +39,10 @@ Semantics shared by every store (the same test suite runs against each):
 
 Errors::
 
-    StateError                    root (RuntimeError: worth retrying unless a leaf says otherwise)
-    ├── StateConfigError          bad windows, lateness or retention (ValueError)
-    └── StoreUnavailable          Redis unreachable; the message must be retried (ConnectionError)
+    DetectorError
+    └── StateError                root (RuntimeError: the message fails and is redelivered)
+        ├── StateConfigError      bad windows, lateness or retention (ConfigError, ValueError)
+        └── StoreUnavailable      Redis unreachable (TransientError, ConnectionError)
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
+
+from detector.errors import ConfigError, DetectorError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +86,15 @@ MICROS = 1_000_000
 Features = dict[str, dict[str, float]]
 
 
-class StateError(RuntimeError):
-    """Root of the state store's errors."""
+class StateError(DetectorError, RuntimeError):
+    """Root of the state store's errors; raised per message, so Pub/Sub redelivers it."""
 
 
-class StateConfigError(StateError, ValueError):
+class StateConfigError(StateError, ConfigError):
     """Invalid state configuration: names the setting, the problem and the limit."""
 
 
-class StoreUnavailable(StateError, ConnectionError):
+class StoreUnavailable(StateError, TransientError, ConnectionError):
     """The state store cannot be reached; the message must be retried."""
 
 

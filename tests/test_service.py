@@ -174,3 +174,26 @@ def test_invalid_labels_are_dead_lettered(service: Service, sink: MemorySink) ->
     assert topic == DEAD
     assert attributes["error_type"] == "invalid_label"
     assert "is_fraud" in attributes["error"]
+
+
+def test_unreachable_redis_fails_the_message_so_it_is_redelivered(
+    sink: MemorySink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Redis down the message raises (Pub/Sub redelivers), nothing is published, the log says why."""
+    from detector.errors import TransientError
+    from detector.state import StoreUnavailable
+    from stack.services import free_port
+
+    settings = Settings(
+        project="fraud-test", model_path="none", redis_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    service = build_service(settings, sink)
+    with pytest.raises(StoreUnavailable) as caught:
+        service.on_transaction(envelope(b'{"amount": 5, "customer_id": "c"}'))
+    assert isinstance(caught.value, TransientError)
+    assert "unreachable" in str(caught.value)
+    assert sink.messages == []
+    assert any("will be redelivered" in record.getMessage() for record in caplog.records)
+    status, body = service.on_request(b'{"amount": 5, "customer_id": "c"}')
+    assert status == 503
+    assert body["error"]["type"] == "unavailable"
