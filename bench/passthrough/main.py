@@ -5,7 +5,7 @@
 
 Decodes the Pub/Sub message in the CloudEvent and republishes its data unchanged to
 RESULTS_TOPIC, with the same `source_publish_time` attribute the detector sets. No detection.
-Publishing goes through the detector's own `PubSubSink` (same client, batch and retry
+Publishing goes through the detector's own `PubSubSink` (same client, retry and timeout
 settings, same wait for the result), so the only difference from `detect_fraud` is the
 detection itself.
 """
