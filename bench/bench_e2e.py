@@ -484,22 +484,22 @@ def run_setting(
         for target in targets.values():
             burst(bench, target, 20, args.timeout)
         rounds = args.rounds if setting == args.first_setting else args.other_rounds
-        for _ in range(rounds):
+        for number in range(rounds):
             row: dict[str, Any] = {"setting": setting.label}
-            row["passthrough_max"] = burst(bench, targets["passthrough"], args.count, args.timeout)
-            row["detector_max"] = burst(bench, targets["detector"], args.count, args.timeout)
+            # Alternate who goes first, so drift within a round favours neither.
+            order = ["passthrough", "detector"] if number % 2 == 0 else ["detector", "passthrough"]
+            for name in order:
+                row[f"{name}_max"] = burst(bench, targets[name], args.count, args.timeout)
             row["null_max"] = null_burst(bench, null, null_topic, args.count, args.timeout)
             row["null_peak"] = null.peak
-            for name in ("passthrough", "detector", "nomodel"):
+            for name in [*order, "nomodel"]:
                 row[f"{name}_direct"] = direct(targets[name], args.count, args.concurrency)
             rate = row["passthrough_max"].throughput / 2
             row["rate"] = rate
-            row["passthrough_delay"] = steady(
-                bench, targets["passthrough"], rate, args.seconds, args.timeout
-            )
-            row["detector_delay"] = steady(
-                bench, targets["detector"], rate, args.seconds, args.timeout
-            )
+            for name in order:
+                row[f"{name}_delay"] = steady(
+                    bench, targets[name], rate, args.seconds, args.timeout
+                )
             rows.append(row)
             _print_round(row)
     return rows
