@@ -102,10 +102,10 @@ def vector(activation: Mapping[str, Any], features: Sequence[str], missing: floa
     for name in features:
         if "." in name:
             entity, feature = name.split(".", 1)
-            value = (activation.get(entity) or {}).get(feature)
+            value = (activation.get(entity) or {}).get(feature, missing)
         else:
-            value = activation.get(name)
-        values.append(missing if value is None else float(value))
+            value = activation.get(name, missing)
+        values.append(float(value))
     return values
 
 
@@ -160,7 +160,9 @@ class TreeModel:
         ranked = sorted(zip(map(abs, credit), range(len(credit)), strict=True), reverse=True)
         names = self.features
         return probability, [
-            Factor(names[i], values[i], credit[i]) for size, i in ranked[:TOP_FACTORS] if size
+            Factor(names[i], float(values[i]), credit[i])
+            for size, i in ranked[:TOP_FACTORS]
+            if size
         ]
 
     def _compile(self) -> Any:
@@ -177,12 +179,13 @@ class TreeModel:
         missing = repr(float(self.missing))
         count = len(self.features)
         for i, name in enumerate(self.features):
+            # Stores and the engine hold numbers (never None) under present keys, so one
+            # dict lookup with a default is the whole substitution `vector` spells out.
             if "." in name:
                 entity, feature = name.split(".", 1)
-                lines.append(f"    f{i} = {local[entity]}.get({feature!r})")
+                lines.append(f"    f{i} = {local[entity]}.get({feature!r}, {missing})")
             else:
-                lines.append(f"    f{i} = a.get({name!r})")
-            lines.append(f"    f{i} = {missing} if f{i} is None else float(f{i})")
+                lines.append(f"    f{i} = a.get({name!r}, {missing})")
             lines.append(f"    c{i} = 0.0")
         lines.append(f"    s = {self.bias!r}")
         for tree in self.trees:
@@ -192,7 +195,7 @@ class TreeModel:
         comma = "," if count == 1 else ""
         lines.append(f"    return s, ({values}{comma}), ({credits}{comma})")
         self.source = "\n".join(lines) + "\n"
-        namespace: dict[str, Any] = {"__builtins__": {"float": float}, "E": {}}
+        namespace: dict[str, Any] = {"__builtins__": {}, "E": {}}
         exec(compile(self.source, f"<model {self.version}>", "exec"), namespace)
         return namespace["walk"]
 

@@ -398,7 +398,7 @@ def test_default_ruleset_hit(default: Ruleset) -> None:
         }
     ]
     assert default.version == "2026-11-29.1"
-    assert default.variables == frozenset({"amount"})
+    assert default.variables == frozenset({"amount", "score"})  # score: the model-score rule
 
 
 RULES = textwrap.dedent(
