@@ -243,3 +243,38 @@ def test_windows_the_model_reads_are_added_to_the_state(tmp_path: Path) -> None:
     assert isinstance(detector.store, MemoryStore)
     assert 8 * 86400 in detector.store.config.windows
     assert "by_terminal.fraud_count_8d" in detector.model.variables  # type: ignore[union-attr]
+
+
+@pytest.mark.integration
+def test_a_corrupt_model_stops_the_function_from_starting(workdir: Path) -> None:
+    """Under functions-framework, a corrupt MODEL_PATH fails start-up with the file and problem."""
+    from tests import services
+    from tests.conftest import PROJECT
+
+    path = workdir / "model.json"
+    path.write_bytes(b'{"format": "fraud-detector-trees/1", "version": "x", "trees": []}')
+    env = {"GOOGLE_CLOUD_PROJECT": PROJECT, "MODEL_PATH": str(path)}
+    with (
+        pytest.raises(RuntimeError) as caught,
+        services.function_server("score_transaction", "http", env, workdir),
+    ):
+        pass
+    assert "model.json" in str(caught.value)
+    assert "trees: must be a non-empty list" in str(caught.value)
+
+
+@pytest.mark.integration
+def test_the_http_function_scores_with_the_bundled_model(workdir: Path) -> None:
+    """With no MODEL_PATH the deployed function's verdict carries the model's score and reasons."""
+    import requests
+
+    from tests import services
+    from tests.conftest import PROJECT
+
+    env = {"GOOGLE_CLOUD_PROJECT": PROJECT}
+    with services.function_server("score_transaction", "http", env, workdir) as url:
+        body = {"amount": 80, "customer_id": "c-1", "terminal_id": "t-1"}
+        verdict = requests.post(url, json=body, timeout=10).json()
+    assert verdict["model_version"] == load_model(default_model_path()).version
+    assert 0 < verdict["score"] < 1
+    assert len(verdict["score_factors"]) == 3
