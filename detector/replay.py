@@ -36,7 +36,7 @@ import orjson
 
 from detector.engine import Detector
 from detector.errors import ConfigError, MessageError
-from detector.transaction import decode
+from detector.transaction import Transaction, decode
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Decoded:
     """One input line, decoded and validated."""
 
     raw: dict[str, Any]
-    transaction: Any  # detector.transaction.Transaction
+    transaction: Transaction
     moment: datetime
 
 
