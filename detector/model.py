@@ -146,12 +146,13 @@ class TreeModel:
 
     def raw_score(self, activation: Mapping[str, Any]) -> float:
         """The ensemble's raw score (log-odds)."""
-        raw: float = self._walk(activation)[0]
-        return raw
+        _, credit = self._walk(activation)
+        return self.bias + sum(credit)
 
     def score(self, activation: Mapping[str, Any]) -> tuple[float, list[Factor]]:
         """Fraud probability and the `TOP_FACTORS` features that moved it most."""
-        raw, values, credit = self._walk(activation)
+        values, credit = self._walk(activation)
+        raw = self.bias + sum(credit)
         if raw >= 0:
             probability = 1.0 / (1.0 + math.exp(-raw))
         else:
@@ -166,10 +167,10 @@ class TreeModel:
         ]
 
     def _compile(self) -> Any:
-        """Generate and compile walk(activation) -> (raw score, feature values, credits).
+        """Generate and compile walk(activation) -> (feature values, credits per feature).
 
-        Each leaf adds its score and its path's per-feature credits to local accumulators,
-        so one call walks every tree with nothing but comparisons and float additions.
+        Each leaf adds its path's per-feature credits to local accumulators, so one call walks
+        every tree with nothing but comparisons and float additions.
         """
         lines = ["def walk(a):"]
         entities = sorted({name.split(".", 1)[0] for name in self.features if "." in name})
@@ -187,13 +188,12 @@ class TreeModel:
             else:
                 lines.append(f"    f{i} = a.get({name!r}, {missing})")
             lines.append(f"    c{i} = 0.0")
-        lines.append(f"    s = {self.bias!r}")
         for tree in self.trees:
             self._emit(tree, 0, 1, lines, {})
         values = ", ".join(f"f{i}" for i in range(count))
         credits = ", ".join(f"c{i}" for i in range(count))
         comma = "," if count == 1 else ""
-        lines.append(f"    return s, ({values}{comma}), ({credits}{comma})")
+        lines.append(f"    return ({values}{comma}), ({credits}{comma})")
         self.source = "\n".join(lines) + "\n"
         namespace: dict[str, Any] = {"__builtins__": {}, "E": {}}
         exec(compile(self.source, f"<model {self.version}>", "exec"), namespace)
@@ -205,9 +205,11 @@ class TreeModel:
         indent = "    " * depth
         feature = tree.feature[node]
         if feature < 0:
-            adds = [f"s += {tree.value[node] - tree.value[0]!r}"]
-            adds.extend(f"c{f} += {c!r}" for f, c in sorted(credit.items()) if c)
-            lines.append(indent + "; ".join(adds))
+            # The raw score is bias + the sum of the credits (they telescope from the root to
+            # the leaf), so a leaf only adds its path's credits; a path whose credits are all
+            # zero adds nothing.
+            adds = [f"c{f} += {c!r}" for f, c in sorted(credit.items()) if c]
+            lines.append(indent + ("; ".join(adds) or "pass"))
             return
         lines.append(f"{indent}if f{feature} <= {tree.threshold[node]!r}:")
         left, right = tree.left[node], tree.right[node]
