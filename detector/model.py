@@ -146,7 +146,7 @@ class TreeModel:
 
     def raw_score(self, activation: Mapping[str, Any]) -> float:
         """The ensemble's raw score (log-odds)."""
-        _, credit = self._walk(activation)
+        credit: tuple[float, ...] = self._walk(activation)[1]
         return self.bias + sum(credit)
 
     def score(self, activation: Mapping[str, Any]) -> tuple[float, list[Factor]]:
