@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import functools
+import uuid
 from datetime import UTC, datetime
 
 import jsonschema
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detector import schemas
 from detector.app import build_service
@@ -197,3 +201,28 @@ def test_unreachable_redis_fails_the_message_so_it_is_redelivered(
     status, body = service.on_request(b'{"amount": 5, "customer_id": "c"}')
     assert status == 503
     assert body["error"]["type"] == "unavailable"
+
+
+@functools.cache
+def _default_service() -> Service:
+    return build_service(Settings(project="fraud-test"), MemorySink())
+
+
+@given(
+    amount=st.floats(min_value=0, max_value=1000),
+    country=st.sampled_from([None, "FR", "US"]),
+    ip_country=st.sampled_from([None, "FR", "BR"]),
+)
+@settings(max_examples=200, deadline=None)
+def test_default_rules_never_block_an_ordinary_lone_transaction(
+    amount: float, country: str | None, ip_country: str | None
+) -> None:
+    """With the bundled rules and model, only amount > 1000 blocks a first transaction."""
+    service = _default_service()
+    lone = uuid.uuid4().hex  # a customer, card and terminal with no history
+    transaction = {"amount": amount, "customer_id": lone, "card_id": lone, "terminal_id": lone}
+    transaction |= {k: v for k, v in (("country", country), ("ip_country", ip_country)) if v}
+    status, verdict = service.on_request(orjson.dumps(transaction))
+    assert status == 200
+    assert verdict["decision"] != "block"
+    assert verdict["is_fraud"] is False
