@@ -406,6 +406,7 @@ class Delays:
     p99: float
     received: int
     sent: int
+    samples: list[float] = field(default_factory=list, repr=False)
 
 
 def steady(bench: Bench, target: Target, rate: float, seconds: float, timeout: float) -> Delays:
@@ -422,6 +423,7 @@ def steady(bench: Bench, target: Target, rate: float, seconds: float, timeout: f
         p99=_report.percentile(delays, 99),
         received=len(got),
         sent=count,
+        samples=delays,
     )
 
 
@@ -588,22 +590,34 @@ def report(rows: Sequence[dict[str, Any]], args_concurrency: int) -> None:
         )
     )  # fmt: skip
     print(
-        "\nDelay publish-to-verdict at half the pass-through's maximum rate (ms, median of rounds):\n"
+        "\nDelay publish-to-verdict at half the pass-through's maximum rate (ms; percentiles "
+        "of every round's delays pooled; per-round p99 ratios in brackets):\n"
     )
     table = []
     for label, group in by_setting.items():
-        ratio = med([r["detector_delay"].p99 / r["passthrough_delay"].p99 for r in group])
+        pooled = {
+            name: [x for r in group for x in r[f"{name}_delay"].samples]
+            for name in ("detector", "passthrough")
+        }
+        pct = {
+            (name, q): _report.percentile(values, q)
+            for name, values in pooled.items()
+            for q in (50, 95, 99)
+        }
+        rounds = ", ".join(
+            f"{r['detector_delay'].p99 / r['passthrough_delay'].p99:.2f}" for r in group
+        )
         table.append(
             (
                 label,
                 f"{med([r['rate'] for r in group]):.0f}",
-                f"{med([r['detector_delay'].p50 for r in group]):.0f}",
-                f"{med([r['detector_delay'].p95 for r in group]):.0f}",
-                f"{med([r['detector_delay'].p99 for r in group]):.0f}",
-                f"{med([r['passthrough_delay'].p50 for r in group]):.0f}",
-                f"{med([r['passthrough_delay'].p95 for r in group]):.0f}",
-                f"{med([r['passthrough_delay'].p99 for r in group]):.0f}",
-                f"{ratio:.2f}x",
+                f"{pct['detector', 50]:.0f}",
+                f"{pct['detector', 95]:.0f}",
+                f"{pct['detector', 99]:.0f}",
+                f"{pct['passthrough', 50]:.0f}",
+                f"{pct['passthrough', 95]:.0f}",
+                f"{pct['passthrough', 99]:.0f}",
+                f"{pct['detector', 99] / pct['passthrough', 99]:.2f}x ({rounds})",
                 _lost(group, "detector_delay") + " / " + _lost(group, "passthrough_delay"),
             )
         )
@@ -617,7 +631,9 @@ def report(rows: Sequence[dict[str, Any]], args_concurrency: int) -> None:
     )  # fmt: skip
     first = next(iter(by_setting.values()))
     ratio = med([r["detector_max"].throughput / r["passthrough_max"].throughput for r in first])
-    p99 = med([r["detector_delay"].p99 / r["passthrough_delay"].p99 for r in first])
+    p99 = _report.percentile(
+        [x for r in first for x in r["detector_delay"].samples], 99
+    ) / _report.percentile([x for r in first for x in r["passthrough_delay"].samples], 99)
     print(
         f"\nTarget (default setting {first[0]['setting']}): throughput >= 90 % of the "
         f"pass-through: {'met' if ratio >= 0.9 else 'missed'} ({ratio * 100:.0f} %); "
