@@ -138,6 +138,7 @@ class TreeModel:
         self.version = version
         self.features = tuple(features)
         self.variables = frozenset(self.features)
+        self._indexes = range(len(self.features))
         self.missing = missing
         self.metadata = dict(metadata or {})
         self.trees = tuple(trees)
@@ -158,13 +159,10 @@ class TreeModel:
         else:
             odds = math.exp(raw)
             probability = odds / (1.0 + odds)
-        ranked = sorted(zip(map(abs, credit), range(len(credit)), strict=True), reverse=True)
+        size = list(map(abs, credit))
+        top = sorted(self._indexes, key=size.__getitem__, reverse=True)[:TOP_FACTORS]
         names = self.features
-        return probability, [
-            Factor(names[i], float(values[i]), credit[i])
-            for size, i in ranked[:TOP_FACTORS]
-            if size
-        ]
+        return probability, [Factor(names[i], float(values[i]), credit[i]) for i in top if size[i]]
 
     def _compile(self) -> Any:
         """Generate and compile walk(activation) -> (feature values, credits per feature).
