@@ -320,4 +320,6 @@ def decode(data: bytes, *, avro_json: bool = False) -> tuple[dict[str, Any], Tra
 
 def rfc3339(moment: datetime) -> str:
     """Format an aware datetime as RFC 3339 in UTC with a Z suffix."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat().replace("+00:00", "Z")
