@@ -12,7 +12,8 @@ and is recorded in the store just before the first transaction at or after that 
 
 Differences from the live functions, on purpose: a verdict's ``decided_at`` is the
 transaction's event time (so the output is a pure function of the input), and
-``message_id`` is null. A transaction without a timestamp takes the latest event time seen.
+``message_id`` is null (``line-N`` for a transaction without a transaction_id, which becomes
+its id too). A transaction without a timestamp takes the latest event time seen.
 Invalid lines are counted (they would be dead-lettered) and skipped.
 """
 
@@ -274,7 +275,9 @@ def replay(
             verdict = decide(
                 decoded.raw,
                 decoded.transaction,
-                message_id=None,
+                # A transaction without an id gets "line-N" (deterministic) rather than a
+                # random one: its verdict's transaction_id and message_id.
+                message_id=None if decoded.transaction.transaction_id else item.transaction_id,
                 default_time=decoded.moment,
                 decided_at=decoded.moment,
             )

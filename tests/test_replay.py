@@ -233,3 +233,20 @@ def test_invalid_lines_are_counted_not_fatal(tmp_path: Path) -> None:
     assert outcome.transactions == 2
     assert outcome.invalid == 2
     assert "2 invalid (skipped)" in summary(outcome)
+
+
+def test_replay_output_is_deterministic_without_ids() -> None:
+    """Transactions without id or timestamp get line-numbered ids and the previous event time."""
+    lines = [
+        b'{"timestamp": "2018-07-01T00:00:00Z", "customer_id": "c", "amount": 5}',
+        b'{"customer_id": "c", "amount": 7}',
+    ]
+    runs = []
+    for _ in range(2):
+        out: list[bytes] = []
+        replay(build_offline_detector(None, None), lines, out.append)
+        runs.append(out)
+    assert runs[0] == runs[1]
+    second = orjson.loads(runs[0][1])
+    assert second["transaction_id"] == "line-2"
+    assert second["decided_at"] == "2018-07-01T00:00:00Z"
