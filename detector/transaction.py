@@ -62,17 +62,6 @@ def _timestamp(value: Any) -> datetime:
     return parsed
 
 
-def _text_problem(value: Any) -> str | None:
-    """Why value is not a valid text field (a string of 1 to TEXT_MAX characters), or None."""
-    if not isinstance(value, str):
-        return f"must be a string, got {value!r}"
-    if not value:
-        return f"must not be empty, got {value!r}"
-    if len(value) > TEXT_MAX:
-        return f"must be at most {TEXT_MAX} characters, got {value!r}"
-    return None
-
-
 class _Fields(NamedTuple):
     """The fields of `Transaction` (a NamedTuple body cannot hold class variables)."""
 
@@ -96,13 +85,13 @@ class Transaction(_Fields):
     Only the fields the detector reads are typed here; any other field of the message is
     accepted and travels unchanged in the object as received.
 
-    Validation is hand-written rather than a pydantic model: importing pydantic and building
-    the model took about 150 ms of the function's cold start, for a check that takes a few
-    microseconds. `Transaction.model_json_schema()` still comes from an equivalent pydantic
-    model, built on demand for the schema files (`detector.schemas`), and a property test
-    holds both to the same verdicts. A NamedTuple rather than a frozen dataclass: it is
-    built once per transaction, and a frozen dataclass's ``__init__`` cost more than the
-    whole validation.
+    The pydantic model `schema_model()` defines validity: it writes every error and the JSON
+    Schema. It is built on first need, because importing pydantic and building the model
+    cost about 150 ms of the function's cold start: the usual valid transaction is admitted
+    by a fast check in `validate` that accepts only what the model accepts (a property test
+    holds the two together), so a function that sees only good messages never imports it.
+    A NamedTuple rather than a frozen dataclass: it is built once per transaction, and a
+    frozen dataclass's ``__init__`` cost more than the whole fast check.
     """
 
     __slots__ = ()
@@ -126,9 +115,9 @@ _FLOAT_MAX = sys.float_info.max
 
 @functools.cache
 def schema_model() -> Any:
-    """A pydantic model equivalent to `validate`, for JSON Schema generation only.
+    """The pydantic model of a transaction: what is valid, its errors, its JSON Schema.
 
-    Built on first use so that the functions never import pydantic for transactions.
+    Built on first use (see `Transaction`).
     """
     from typing import Annotated
 
@@ -239,50 +228,53 @@ def validate(raw: dict[str, Any]) -> Transaction:
     return _check(raw)
 
 
+_MESSAGES = {
+    "missing": "is required",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters",
+    "string_pattern_mismatch": "must match {pattern}",
+}
+_FIELD_MESSAGES = {
+    ("currency", "string_pattern_mismatch"): "must be an ISO 4217 code of 3 capital letters",
+}
+
+
+def _problem(field: str, error: Any) -> str:
+    """One pydantic error as "problem, got value" in the project's words."""
+    kind = error["type"]
+    if kind == "value_error":  # our own validators: their message after pydantic's prefix
+        return str(error["ctx"]["error"])
+    template = _FIELD_MESSAGES.get((field, kind)) or _MESSAGES.get(kind)
+    if template is None:
+        return str(error["msg"])
+    text = template.format(**error.get("ctx", {}))
+    return text if kind == "missing" else f"{text}, got {error['input']!r}"
+
+
 def _check(raw: dict[str, Any]) -> Transaction:
-    """`validate`, field by field, collecting every problem."""
+    """`validate` by the pydantic model, collecting every problem.
+
+    The fast path in `validate` only admits what this accepts (a property test holds them
+    together); anything it doubts, and every invalid message, comes here.
+    """
+    from pydantic import ValidationError
+
     problems: list[tuple[str, str]] = [
         (name, "is a verdict field and cannot be set by a transaction")
         for name in raw
         if name in VERDICT_FIELDS
     ]
-    get = raw.get
-    amount = 0.0
-    if "amount" in raw:
-        try:
-            amount = _amount(raw["amount"])
-        except ValueError as error:
-            problems.append(("amount", str(error)))
-    else:
-        problems.append(("amount", "is required"))
-    customer_id: Any = get("customer_id")
-    if customer_id is None and "customer_id" not in raw:
-        problems.append(("customer_id", "is required"))
-    elif problem := _text_problem(customer_id):
-        problems.append(("customer_id", problem))
-    transaction_id = get("transaction_id")
-    if transaction_id is not None and (problem := _text_problem(transaction_id)):
-        problems.append(("transaction_id", problem))
-    currency = get("currency", "USD")
-    if not isinstance(currency, str):
-        problems.append(("currency", f"must be a string, got {currency!r}"))
-    elif not _CURRENCY.fullmatch(currency):
-        problems.append(
-            ("currency", f"must be an ISO 4217 code of 3 capital letters, got {currency!r}")
-        )
-    timestamp = get("timestamp")
-    if timestamp is not None:
-        try:
-            timestamp = _timestamp(timestamp)
-        except ValueError as error:
-            problems.append(("timestamp", str(error)))
-    texts = [get(name) for name in _TEXT_FIELDS]
-    for name, value in zip(_TEXT_FIELDS, texts, strict=True):
-        if value is not None and (problem := _text_problem(value)):
-            problems.append((name, problem))
+    try:
+        model = schema_model().model_validate(raw)
+    except ValidationError as error:
+        for item in error.errors():
+            field = ".".join(str(part) for part in item["loc"])
+            problems.append((field, _problem(field, item)))
+        raise InvalidTransaction(problems) from None
     if problems:
         raise InvalidTransaction(problems)
-    return _new(Transaction, (amount, customer_id, transaction_id, currency, timestamp, *texts))
+    return _new(Transaction, tuple(getattr(model, name) for name in Transaction._fields))
 
 
 #: Avro type names that wrap a union's value in Avro's JSON encoding: {"string": "XYZ"}.

@@ -1,4 +1,4 @@
-"""The hand-written transaction validation agrees with the pydantic model of the schema."""
+"""The fast check in `validate` admits only what the pydantic model accepts, with the same values."""
 
 from __future__ import annotations
 
