@@ -65,13 +65,16 @@ def pull_all(
     return received
 
 
-def test_simulate_publishes_what_the_file_holds(pubsub_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("publisher", ["batch", "library"])
+def test_simulate_publishes_what_the_file_holds(
+    pubsub_env: dict[str, str], tmp_path: Path, publisher: str
+) -> None:
     """A live run delivers exactly the transactions --out writes, with ids as attributes."""
     topic, subscription = make_topic("tx")
     out = tmp_path / "out.jsonl"
     assert run("simulate", *SMALL, "--out", str(out), env=pubsub_env).returncode == 0
     expected = out.read_bytes().splitlines()
-    result = run("simulate", *SMALL, "--topic", topic, env=pubsub_env)
+    result = run("simulate", *SMALL, "--topic", topic, "--publisher", publisher, env=pubsub_env)
     assert result.returncode == 0, result.stderr
     assert f"published {len(expected):,} messages" in result.stderr
     received = pull_all(subscription, len(expected))
