@@ -43,7 +43,9 @@ def emulator_binary() -> str:
         return configured
     gcloud = shutil.which("gcloud")
     if gcloud is None:
-        raise RuntimeError("gcloud is not on PATH: the Pub/Sub emulator comes with the Google Cloud SDK")
+        raise RuntimeError(
+            "gcloud is not on PATH: the Pub/Sub emulator comes with the Google Cloud SDK"
+        )
     sdk_root = subprocess.run(
         [gcloud, "info", "--format=value(installation.sdk_root)"],
         check=True,
@@ -131,8 +133,19 @@ def redis_server(workdir: Path) -> Iterator[str]:
         raise RuntimeError("redis-server is not installed (Debian package redis-server)")
     port = free_port()
     process = start(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         workdir / "redis.log",
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -161,8 +174,19 @@ def function_server(
     port = free_port()
     binary = Path(sys.executable).parent / "functions-framework"
     process = start(
-        [str(binary), "--source", str(source), "--target", target,
-         "--signature-type", signature, "--port", str(port), "--host", "127.0.0.1"],
+        [
+            str(binary),
+            "--source",
+            str(source),
+            "--target",
+            target,
+            "--signature-type",
+            signature,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
         workdir / f"{target}-{port}.log",
         env={**os.environ, **env},
     )
