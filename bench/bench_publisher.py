@@ -43,7 +43,7 @@ from publisher.publish import (  # noqa: E402
     stream,
 )
 from publisher.simulate import SimulationConfig, records, write_jsonl  # noqa: E402
-from tests import services  # noqa: E402
+from stack import services  # noqa: E402
 
 PROJECT = "bench"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import services
+from stack import services
 
 PROJECT = "fraud-test"
 

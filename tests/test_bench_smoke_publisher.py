@@ -8,7 +8,7 @@ import sys
 import orjson
 import pytest
 
-from tests import services
+from stack import services
 
 
 @pytest.mark.integration

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.services import ROOT
+from stack.services import ROOT
 
 
 @pytest.mark.integration

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests import services
+from stack import services
 
 ROOT = services.ROOT
 DEPLOY = ROOT / "deploy.sh"

@@ -12,7 +12,7 @@ import pytest
 import requests
 from google.cloud import pubsub_v1
 
-from tests import services
+from stack import services
 from tests.conftest import PROJECT
 from tests.pubsub import create_subscription, create_topic, pull, topic_path
 

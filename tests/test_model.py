@@ -248,7 +248,7 @@ def test_windows_the_model_reads_are_added_to_the_state(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_a_corrupt_model_stops_the_function_from_starting(workdir: Path) -> None:
     """Under functions-framework, a corrupt MODEL_PATH fails start-up with the file and problem."""
-    from tests import services
+    from stack import services
     from tests.conftest import PROJECT
 
     path = workdir / "model.json"
@@ -268,7 +268,7 @@ def test_the_http_function_scores_with_the_bundled_model(workdir: Path) -> None:
     """With no MODEL_PATH the deployed function's verdict carries the model's score and reasons."""
     import requests
 
-    from tests import services
+    from stack import services
     from tests.conftest import PROJECT
 
     env = {"GOOGLE_CLOUD_PROJECT": PROJECT}

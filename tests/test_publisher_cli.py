@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests import services
+from stack import services
 
 SMALL = ["--seed", "5", "--customers", "200", "--terminals", "400", "--days", "5"]
 

@@ -16,7 +16,7 @@ from google.cloud import pubsub_v1
 
 from publisher.errors import PublishFailed
 from publisher.publish import BatchPublisher, LibraryPublisher, Publisher
-from tests import services
+from stack import services
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from google.cloud import pubsub_v1
 
-from tests import services
+from stack import services
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from detector.state import (
     parse_window,
     window_name,
 )
-from tests.services import unique
+from stack.services import unique
 
 SMALL = StateConfig(windows=(10, 100), allowed_lateness=20)
 

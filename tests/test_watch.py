@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from publisher.errors import InputError
 from publisher.watch import Tally, Verdict, format_report, load_labels, parse_time, parse_verdict
-from tests import services
+from stack import services
 
 UTC = dt.UTC
 PUBLISHED = dt.datetime(2026, 1, 2, 3, 4, 5, 500_000, tzinfo=UTC)
