@@ -52,7 +52,7 @@ import logging
 import re
 import threading
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -731,6 +731,7 @@ class MemoryStore:
         self._sweep_every = max(self._keep / 8, 60.0)
         self._next_sweep = float("-inf")
         self._plans: dict[frozenset[str] | None, dict[str, _Plan]] = {}
+        self._reads: dict[str, frozenset[str] | None] | None = None
         self._track_distinct = False
         self._longest = self._windows[-1]
         self._lock = threading.Lock()
@@ -744,11 +745,39 @@ class MemoryStore:
         """Number of entities with history in memory."""
         return sum(len(histories) for histories in self._entities.values())
 
+    def narrow(self, reads: Mapping[str, frozenset[str] | None]) -> None:
+        """From now on compute, per entity kind, only the features its readers use.
+
+        `needed` is one set for every entity, so without this a card computes the customer's
+        30-day means too. Recording is unchanged, and so is every feature still computed:
+        readers limited to `reads` see no difference.
+
+        Args:
+            reads: feature names read of each kind (None: all that `needed` asks); a kind
+                not in it computes none.
+        """
+        with self._lock:
+            self._reads = dict(reads)
+            self._plans.clear()
+
+    def _wanted(self, kind: str, needed: frozenset[str] | None) -> frozenset[str] | None:
+        """`needed` narrowed to what is read of this kind (see `narrow`)."""
+        if self._reads is None:
+            return needed
+        if kind not in self._reads:
+            return frozenset()
+        reads = self._reads[kind]
+        if reads is None:
+            return needed
+        return reads if needed is None else reads & needed
+
     def _plan(self, needed: frozenset[str] | None) -> dict[str, _Plan]:
         """How to compute each kind's features for this `needed` (cached per set)."""
         plans = self._plans.get(needed)
         if plans is None:
-            plans = {kind: _Plan(kind, self._windows, needed) for kind in _DISTINCT}
+            plans = {
+                kind: _Plan(kind, self._windows, self._wanted(kind, needed)) for kind in _DISTINCT
+            }
             if len(self._plans) < 64:
                 self._plans[needed] = plans
             if not self._track_distinct and (
@@ -841,7 +870,9 @@ class MemoryStore:
             index = history.position(ts, txid)
             raws = history.scan(index, ts, txid, self._windows, self._labels)
             gap = history.gap(index, ts, txid, self._lookback)
-            features[kind] = select(self._builder.build(kind, event.amount, raws, gap), needed)
+            features[kind] = select(
+                self._builder.build(kind, event.amount, raws, gap), self._wanted(kind, needed)
+            )
         return features
 
     def _sweep(self) -> None:
