@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from detector.rules import Ruleset
-from detector.state import Event, StateStore
+from detector.state import Event, MemoryStore, StateStore
 from detector.transaction import Transaction, rfc3339
 
 #: Name of each entity's aggregates in rule conditions, by the state store's entity name.
@@ -107,6 +107,24 @@ def variable_schema(entity_features: Mapping[str, frozenset[str]]) -> dict[str, 
     return schema
 
 
+def entity_reads(names: set[str] | frozenset[str]) -> dict[str, frozenset[str] | None]:
+    """Of the variables rules and model read, the features of each entity kind.
+
+    None for a kind whose whole map is read (a rule may use ``by_card`` itself); a kind
+    nothing reads is left out.
+    """
+    reads: dict[str, frozenset[str] | None] = {}
+    for kind, variable in ENTITY_VARIABLES.items():
+        if variable in names:
+            reads[kind] = None
+            continue
+        prefix = variable + "."
+        wanted = frozenset(name[len(prefix) :] for name in names if name.startswith(prefix))
+        if wanted:
+            reads[kind] = wanted
+    return reads
+
+
 class Detector:
     """Decides on transactions with rules, stream state and an optional risk model."""
 
@@ -119,6 +137,11 @@ class Detector:
         needed = set(rules.variables) | (set(model.variables) if model else set())
         # Only what some rule or the model reads is computed per transaction.
         self._needed = frozenset(name.split(".", 1)[1] for name in needed if "." in name)
+        if isinstance(store, MemoryStore):
+            # And per entity kind: a card need not compute the customer's 30-day means.
+            # Invisible to rules and model (they read nothing else); a third to half less
+            # state cost (bench/bench_detect.py).
+            store.narrow(entity_reads(needed))
 
     def activation(
         self, transaction: Transaction, transaction_id: str, moment: datetime
