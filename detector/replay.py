@@ -35,9 +35,8 @@ from typing import IO, Any, Generic, TypeVar
 
 import orjson
 
-from detector.engine import ENTITY_VARIABLES, Detector
+from detector.engine import Detector
 from detector.errors import ConfigError, MessageError
-from detector.state import MemoryStore
 from detector.transaction import Transaction, decode
 
 log = logging.getLogger(__name__)
@@ -411,32 +410,9 @@ def build_offline_detector(rules: Path | None, model: str | None) -> Detector:
     from detector.settings import Settings
 
     settings = Settings(project="", rules_file=rules, model_path=model)
-    detector = build_detector(settings)  # no REDIS_URL in these settings: a fresh MemoryStore
-    if isinstance(detector.store, MemoryStore):
-        detector.store.narrow(entity_reads(detector))
-    return detector
-
-
-def entity_reads(detector: Detector) -> dict[str, frozenset[str] | None]:
-    """The features rules and model read of each entity kind (None: the whole map).
-
-    The detector asks the store for one set of feature names for every entity; narrowing
-    it per entity (a card computes its 1-hour count, not the customer's 30-day means)
-    changes nothing any reader sees.
-    """
-    names = set(detector.rules.variables)
-    if detector.model is not None:
-        names |= detector.model.variables
-    reads: dict[str, frozenset[str] | None] = {}
-    for kind, variable in ENTITY_VARIABLES.items():
-        if variable in names:
-            reads[kind] = None  # a rule reads the map itself
-            continue
-        prefix = variable + "."
-        wanted = frozenset(name[len(prefix) :] for name in names if name.startswith(prefix))
-        if wanted:
-            reads[kind] = wanted
-    return reads
+    # No REDIS_URL in these settings: a fresh MemoryStore, which the Detector narrows to
+    # the features each entity kind is read for.
+    return build_detector(settings)
 
 
 def _open_output(path: Path) -> IO[bytes]:
