@@ -472,26 +472,33 @@ class _History:
         drop = bisect_right(self.ts, cutoff)
         if not drop:
             return
-        del self.ts[:drop]
-        del self.txs[:drop]
-        self.base += drop
-        del self.sums[:drop]
-        del self.frauds[:drop]
-        floor = self.base
-        del self.peaks[: bisect_left(self.peaks, floor)]
+        base = self.base
+        floor = base + drop
+        txs = self.txs
         for n, positions in enumerate(self.lasts):
             gone = bisect_left(positions, floor)
             if gone:
+                # Forget exactly the values whose last occurrence is dropped: O(dropped),
+                # where rebuilding the map cost O(distinct values) on nearly every event.
+                last = self.last[n]
+                attr = self.attrs[n]
+                for position in positions[:gone]:
+                    del last[txs[position - base][attr]]  # type: ignore[arg-type]
                 del positions[:gone]
-                self.last[n] = {v: p for v, p in self.last[n].items() if p >= floor}
+        del self.ts[:drop]
+        del txs[:drop]
+        self.base = floor
+        del self.sums[:drop]
+        del self.frauds[:drop]
+        del self.peaks[: bisect_left(self.peaks, floor)]
 
     def add_fraud(self, ts: float, txid: str, delta: int) -> None:
         """Add delta to the fraud count of a transaction, if this history still holds it."""
         index = self.position(ts, txid)
         if index < len(self.txs) and self.txs[index][_TXID] == txid:
             frauds = self.frauds
-            for i in range(index + 1, len(frauds)):
-                frauds[i] += delta
+            start = index + 1
+            frauds[start:] = [count + delta for count in frauds[start:]]
 
 
 _NA = object()  # placeholder for an absent amount ratio in generated code
