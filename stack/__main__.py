@@ -131,9 +131,7 @@ def _demo(args: argparse.Namespace) -> int:
         str(args.days),
         "--from-day",
         str(args.from_day),
-        "--count",
-        str(args.count),
-    ]
+    ] + (["--count", str(args.count)] if args.count else [])
     # The simulator is deterministic for a seed: writing the same stream to a file first gives
     # the watcher the ground truth before the first verdict arrives.
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +150,8 @@ def _demo(args: argparse.Namespace) -> int:
         cwd=ROOT,
         check=True,
     )
+    with (args.workdir / "transactions.jsonl").open("rb") as stream:
+        count = sum(1 for _ in stream)
     with running(args.workdir, args.threads) as stack:
         env = stack.environment()
         watch = subprocess.Popen(
@@ -165,7 +165,7 @@ def _demo(args: argparse.Namespace) -> int:
                 "--labels",
                 str(labels),
                 "--count",
-                str(args.count),
+                str(count),
                 "--idle-timeout",
                 str(args.idle_timeout),
             ]
@@ -174,7 +174,7 @@ def _demo(args: argparse.Namespace) -> int:
             cwd=ROOT,
         )
         _say(
-            f"streaming {args.count:,} simulated transactions from day {args.from_day} "
+            f"streaming {count:,} simulated transactions from day {args.from_day} "
             f"({args.customers} customers, {args.terminals} terminals); fraud labels reach "
             f"record_feedback {args.label_delay} later in event time"
         )
@@ -210,14 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("up", help="start everything and wait for Ctrl-C").set_defaults(run=_up)
     demo = commands.add_parser("demo", help="stream simulated transactions through and report")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--customers", type=int, default=500)
-    demo.add_argument("--terminals", type=int, default=1000)
-    demo.add_argument("--days", type=int, default=60)
-    demo.add_argument(
-        "--from-day", type=int, default=30, help="skip the weeks compromises build up in"
-    )
-    demo.add_argument("--count", type=int, default=3000, help="transactions to stream")
-    demo.add_argument("--label-delay", default="1d", help="when labels reach the detector")
+    demo.add_argument("--customers", type=int, default=100)
+    demo.add_argument("--terminals", type=int, default=200)
+    demo.add_argument("--days", type=int, default=30)
+    demo.add_argument("--from-day", type=int, default=0, help="start streaming at this day")
+    demo.add_argument("--count", type=int, help="stream at most N transactions (default: all)")
+    demo.add_argument("--label-delay", default="7d", help="when labels reach the detector")
     demo.add_argument(
         "--rate", type=float, help="messages per second (default: as fast as possible)"
     )
