@@ -19,10 +19,6 @@ import contextlib
 import math
 import random
 import resource
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +37,7 @@ from detector.state import (
     StateStore,
     feature_names,
 )
+from stack.services import redis_server
 
 START = 1_700_000_000.0
 
@@ -167,42 +164,8 @@ def reference_ns() -> float:
 @contextlib.contextmanager
 def throwaway_redis() -> Iterator[str]:
     """A redis-server without persistence in its own process group, killed on exit."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise StateError("redis-server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-            ],
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                    break
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            import os
-
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
+    with tempfile.TemporaryDirectory() as workdir, redis_server(Path(workdir)) as url:
+        yield url
 
 
 def server_cost(url: str) -> str:
