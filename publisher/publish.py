@@ -200,7 +200,31 @@ class _Counts:
                 raise PublishFailed(self.failed, self.sent, self.first_error)
 
 
-class LibraryPublisher:
+class _Counting:
+    """What both publishers share: counts of sent, published and failed messages, topics."""
+
+    project: str
+    _client: Any
+    _emulator_host: str | None
+    _counts: _Counts
+
+    sent = property(lambda self: self._counts.sent)
+    published = property(lambda self: self._counts.published)
+    failed = property(lambda self: self._counts.failed)
+
+    def check_topic(self, name: str, option: str = "--topic") -> str:
+        return check_topic(
+            self._client, topic_path(self.project, name), option, self._emulator_host
+        )
+
+    def topic(self, name: str) -> Sink:
+        return _TopicSink(self.publish, topic_path(self.project, name))
+
+    def publish(self, path: str, data: bytes, attributes: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+
+class LibraryPublisher(_Counting):
     """google-cloud-pubsub's PublisherClient.publish(): its batching and flow control.
 
     Simple and standard, but each publish() costs ~150 us of Python (a proto-plus message,
@@ -235,18 +259,6 @@ class LibraryPublisher:
             raise client_error(error, emulator_host) from error
         self._counts = _Counts()
 
-    sent = property(lambda self: self._counts.sent)
-    published = property(lambda self: self._counts.published)
-    failed = property(lambda self: self._counts.failed)
-
-    def check_topic(self, name: str, option: str = "--topic") -> str:
-        return check_topic(
-            self._client, topic_path(self.project, name), option, self._emulator_host
-        )
-
-    def topic(self, name: str) -> Sink:
-        return _TopicSink(self.publish, topic_path(self.project, name))
-
     def publish(self, path: str, data: bytes, attributes: Mapping[str, str]) -> None:
         future = self._client.publish(path, data, **attributes)
         self._counts.track(future, 1)
@@ -259,7 +271,7 @@ class LibraryPublisher:
         self._client.stop()
 
 
-class BatchPublisher:
+class BatchPublisher(_Counting):
     """Batches messages itself and sends each batch with one Publish RPC from a thread pool.
 
     The same batching and flow control as the library's PublisherClient (a batch goes when
@@ -312,18 +324,6 @@ class BatchPublisher:
         self._stop = threading.Event()
         self._timer = threading.Thread(target=self._flush_old, name="publish-timer", daemon=True)
         self._timer.start()
-
-    sent = property(lambda self: self._counts.sent)
-    published = property(lambda self: self._counts.published)
-    failed = property(lambda self: self._counts.failed)
-
-    def check_topic(self, name: str, option: str = "--topic") -> str:
-        return check_topic(
-            self._client, topic_path(self.project, name), option, self._emulator_host
-        )
-
-    def topic(self, name: str) -> Sink:
-        return _TopicSink(self.publish, topic_path(self.project, name))
 
     def publish(self, path: str, data: bytes, attributes: Mapping[str, str]) -> None:
         message = self._message(data=data, attributes=attributes)
@@ -384,7 +384,7 @@ class BatchPublisher:
         self._timer.join()
         self.flush()
         self._executor.shutdown(wait=True)
-        self._client.transport.close()  # type: ignore[no-untyped-call]
+        self._client.transport.close()
 
 
 @dataclass(frozen=True)
