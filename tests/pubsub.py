@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from google.cloud import pubsub_v1
 
+from stack.services import ROOT
 from tests.conftest import PROJECT
 
 
@@ -73,3 +77,17 @@ def pull(
             for m in response.received_messages
         )
     return received
+
+
+def run_publisher(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m publisher ARGS` as a user would, from the project root."""
+    return subprocess.run(
+        [sys.executable, "-m", "publisher", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -11,20 +11,12 @@ import orjson
 import pytest
 
 from stack import services
+from tests.pubsub import run_publisher
 
 SMALL = ["--seed", "5", "--customers", "200", "--terminals", "400", "--days", "5"]
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the command line as a user would, from the project root."""
-    return subprocess.run(
-        [sys.executable, "-m", "publisher", *args],
-        cwd=services.ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+run = run_publisher
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:

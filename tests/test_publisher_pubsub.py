@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +14,7 @@ from google.cloud import pubsub_v1
 from publisher.errors import PublishFailed
 from publisher.publish import BatchPublisher, LibraryPublisher, Publisher
 from stack import services
+from tests.pubsub import run_publisher
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +22,7 @@ PROJECT = "fraud-test"
 SMALL = ["--seed", "11", "--customers", "200", "--terminals", "400", "--days", "4"]
 
 
-def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "publisher", *args],
-        cwd=services.ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+run = run_publisher
 
 
 def make_topic(prefix: str) -> tuple[str, str]:

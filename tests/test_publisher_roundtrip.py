@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -12,6 +9,7 @@ import pytest
 from google.cloud import pubsub_v1
 
 from stack import services
+from tests.pubsub import run_publisher
 
 pytestmark = pytest.mark.integration
 
@@ -19,15 +17,7 @@ PROJECT = "fraud-test"
 COUNT = 300
 
 
-def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "publisher", *args],
-        cwd=services.ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+run = run_publisher
 
 
 def test_simulated_stream_comes_back_as_verdicts(
