@@ -381,7 +381,8 @@ class _History:
     the front, so that indexes survive trimming. `sums`/`frauds` are prefix sums (length n+1)
     of amounts in micros and of fraud labels. `peaks` holds the positions of suffix maxima of
     the amount (amounts strictly decreasing), so the max of a window is the first peak inside
-    it. For each counted attribute, `last` maps a value to the position of its last
+    it. For each tracked attribute (`attrs`: record indexes of the attributes whose distinct
+    counts some reader of this kind needs), `last` maps a value to the position of its last
     occurrence and `lasts` holds those positions sorted: the distinct values of a window are
     the last occurrences inside it.
     """
@@ -412,7 +413,7 @@ class _History:
     ) -> list[Raw]:
         """Raw aggregates of the transactions before list index `index`, by brute force."""
         raws: list[Raw] = []
-        times, txs, attrs = self.ts, self.txs, self.attrs
+        times, txs = self.ts, self.txs
         for window in windows:
             start = bisect_right(times, ts - window, 0, index)
             count = total = fraud = 0
@@ -428,9 +429,9 @@ class _History:
                     fraud += 1
                 if tx[_AMOUNT] > high:
                     high = tx[_AMOUNT]
-                for attr in attrs:
+                for attr in (4, 5, 6):
                     seen[attr].add(tx[attr])  # type: ignore[arg-type]
-            distinct = [len(seen[attr] - {None}) if attr in attrs else 0 for attr in (4, 5, 6)]
+            distinct = [len(seen[attr] - {None}) for attr in (4, 5, 6)]
             raws.append((count, total, high, fraud, distinct[0], distinct[1], distinct[2]))
         return raws
 
@@ -505,19 +506,27 @@ _NA = object()  # placeholder for an absent amount ratio in generated code
 
 
 def _compile_features(
-    kind: str, windows: Sequence[int], needed: frozenset[str] | None
-) -> Callable[[_History, _Record, float, float, int, bool], dict[str, float]]:
+    kind: str, windows: Sequence[int], needed: frozenset[str] | None, tracked: Sequence[str]
+) -> Callable[[_History, _Record, float, float, int], dict[str, float]]:
     """Generate the fast path of one kind for one `needed` set: features, then record.
 
-    `step(history, tx, lookback, keep, longest_window, track_distinct)` is for a transaction
-    that comes after everything in the history. The generated code unrolls the windows
+    `step(history, tx, lookback, keep, longest_window)` is for a transaction that comes after
+    everything in the history, whose `attrs` are the `tracked` attributes (a superset of the
+    distinct counts wanted). The generated code unrolls the windows
     (largest first, stopping at the first empty one: smaller ones are empty too) and builds
     dict displays with constant keys. Its arithmetic is that of `FeatureBuilder.build`; the
     property tests compare the two exactly.
     """
     names = feature_names(windows, kind)
     wanted = names if needed is None else names & needed
-    attrs = _DISTINCT[kind]
+    attrs = tuple(tracked)
+    missing = {
+        name
+        for name in wanted
+        for attr in _DISTINCT[kind]
+        if name.startswith(_DISTINCT_FEATURE[attr] + "_") and attr not in attrs
+    }
+    assert not missing, f"distinct counts of untracked attributes: {sorted(missing)}"
     order = sorted(windows, reverse=True)
 
     def keys_of(window: int) -> dict[str, str]:
@@ -609,7 +618,7 @@ def _compile_features(
         return lines + block(i + 1, inner)
 
     body = [
-        "def step(h, tx, lookback, keep, longest, track):",
+        "def step(h, tx, lookback, keep, longest):",
         "    ts = tx[0]",
         "    amount = tx[2]",
         "    times = h.ts",
@@ -628,7 +637,7 @@ def _compile_features(
         "        last = times[-1]",
         "        gap = ts - last if last > ts - lookback else None",
         f"        {', '.join(f'p{n}' for n in range(len(attrs)))}, = h.lasts"
-        if any(name.startswith("distinct_") for name in wanted)
+        if attrs
         else "        pass",
         "        lo = 0",
         "        pi = 0",
@@ -642,21 +651,20 @@ def _compile_features(
         "    txs.append(tx)",
         "    sums.append(sa + tx[3])",
         "    frauds.append(fa)",
-        "    if track:",
-        "        lasts = h.lasts",
-        "        maps = h.last",
     ]
+    if attrs:
+        body += ["    lasts = h.lasts", "    maps = h.last"]
     for n, attr in enumerate(attrs):
         body += [
-            f"        value = tx[{_ATTR_INDEX[attr]}]",
-            "        if value is not None:",
-            f"            seen = maps[{n}]",
-            "            old = seen.get(value)",
-            f"            positions = lasts[{n}]",
-            "            if old is not None:",
-            "                del positions[bisect_left(positions, old)]",
-            "            positions.append(end)",
-            "            seen[value] = end",
+            f"    value = tx[{_ATTR_INDEX[attr]}]",
+            "    if value is not None:",
+            f"        seen = maps[{n}]",
+            "        old = seen.get(value)",
+            f"        positions = lasts[{n}]",
+            "        if old is not None:",
+            "            del positions[bisect_left(positions, old)]",
+            "        positions.append(end)",
+            "        seen[value] = end",
         ]
     body += [
         "    if times[0] <= ts - keep:",
@@ -683,16 +691,22 @@ def _compile_features(
 class _Plan:
     """How the memory fast path computes one entity kind's features for a `needed` set.
 
-    `step(history, tx, lookback, keep, longest, track)` is generated (see `_compile_features`);
+    `step(history, tx, lookback, keep, longest)` is generated (see `_compile_features`);
     `keys` are the features to return, or None for all (used to trim the slow path's output).
     """
 
     __slots__ = ("keys", "step")
 
-    def __init__(self, kind: str, windows: Sequence[int], needed: frozenset[str] | None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        windows: Sequence[int],
+        needed: frozenset[str] | None,
+        tracked: Sequence[str],
+    ) -> None:
         names = feature_names(windows, kind)
         self.keys = None if needed is None else tuple(sorted(names & needed))
-        self.step = _compile_features(kind, windows, needed)
+        self.step = _compile_features(kind, windows, needed, tracked)
 
     def select(self, features: dict[str, float]) -> dict[str, float]:
         """Only the needed features."""
@@ -702,9 +716,14 @@ class _Plan:
 
 _Known = tuple[_Record, "str | None", "str | None", "str | None", "str | None"]
 
-_KIND_ATTRS = {
-    kind: tuple(_ATTR_INDEX[attr] for attr in attrs) for kind, attrs in _DISTINCT.items()
-}
+
+def _distinct_read(kind: str, wanted: frozenset[str] | None) -> set[str]:
+    """The attributes whose distinct counts `wanted` (None: all) asks of this kind."""
+    return {
+        attr
+        for attr in _DISTINCT[kind]
+        if wanted is None or any(name.startswith(_DISTINCT_FEATURE[attr] + "_") for name in wanted)
+    }
 
 
 class MemoryStore:
@@ -739,7 +758,8 @@ class MemoryStore:
         self._next_sweep = float("-inf")
         self._plans: dict[frozenset[str] | None, dict[str, _Plan]] = {}
         self._reads: dict[str, frozenset[str] | None] | None = None
-        self._track_distinct = False
+        # Per kind, the attributes whose last-occurrence indexes are kept (see `_track`).
+        self._tracked: dict[str, tuple[str, ...]] = dict.fromkeys(_DISTINCT, ())
         self._longest = self._windows[-1]
         self._lock = threading.Lock()
 
@@ -782,21 +802,37 @@ class MemoryStore:
         """How to compute each kind's features for this `needed` (cached per set)."""
         plans = self._plans.get(needed)
         if plans is None:
+            self._track(needed)
             plans = {
-                kind: _Plan(kind, self._windows, self._wanted(kind, needed)) for kind in _DISTINCT
+                kind: _Plan(kind, self._windows, self._wanted(kind, needed), self._tracked[kind])
+                for kind in _DISTINCT
             }
             if len(self._plans) < 64:
                 self._plans[needed] = plans
-            if not self._track_distinct and (
-                needed is None or any(name.startswith("distinct_") for name in needed)
-            ):
-                # Distinct-value indexes cost a few dict and list operations per event: kept
-                # only once some caller asks for distinct counts, then rebuilt everywhere.
-                self._track_distinct = True
-                for histories in self._entities.values():
-                    for history in histories.values():
-                        history.rebuild(self._labels)
         return plans
+
+    def _track(self, needed: frozenset[str] | None) -> None:
+        """Start keeping the distinct-value indexes `needed` reads, where not kept yet.
+
+        Each index costs a few dict and list operations per event and entity, so a kind keeps
+        only those some caller has asked for (a card's distinct terminals, say, and not its
+        merchants or countries); a newly kept one is rebuilt from the entity's history, and
+        the compiled plans, which record the old set, are dropped.
+        """
+        for kind, attrs in _DISTINCT.items():
+            read = _distinct_read(kind, self._wanted(kind, needed))
+            if read <= set(self._tracked[kind]):
+                continue
+            tracked = tuple(attr for attr in attrs if attr in read or attr in self._tracked[kind])
+            self._tracked[kind] = tracked
+            indexes = tuple(_ATTR_INDEX[attr] for attr in tracked)
+            for history in self._entities[kind].values():
+                history.attrs = indexes
+                history.rebuild(self._labels)
+            self._plans.clear()
+
+    def _new_history(self, kind: str) -> _History:
+        return _History(tuple(_ATTR_INDEX[attr] for attr in self._tracked[kind]))
 
     def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
         """See `StateStore.observe`."""
@@ -840,13 +876,11 @@ class MemoryStore:
                 continue
             history = entities.get(ident)
             if history is None:
-                history = entities[ident] = _History(_KIND_ATTRS[kind])
+                history = entities[ident] = self._new_history(kind)
             times = history.ts
             plan = plans[kind]
             if not times or ts > times[-1] or (ts == times[-1] and txid > history.txs[-1][_TXID]):
-                features[kind] = plan.step(
-                    history, tx, self._lookback, self._keep, self._longest, self._track_distinct
-                )
+                features[kind] = plan.step(history, tx, self._lookback, self._keep, self._longest)
             else:
                 raws, gap = self._insert(history, tx)
                 out = self._builder.build(kind, amount, raws, gap)
@@ -873,7 +907,7 @@ class MemoryStore:
         features: Features = {}
         ts, txid = event.timestamp, event.transaction_id
         for kind, ident in entities_of(event):
-            history = self._entities[kind].get(ident) or _History(_KIND_ATTRS[kind])
+            history = self._entities[kind].get(ident) or self._new_history(kind)
             index = history.position(ts, txid)
             raws = history.scan(index, ts, txid, self._windows, self._labels)
             gap = history.gap(index, ts, txid, self._lookback)

@@ -468,6 +468,30 @@ def test_memory_store_matches_the_specification(
     run_against_oracle(MemoryStore(PROPERTY_CONFIG), steps, needed)
 
 
+@settings(max_examples=200, deadline=None)
+@given(steps=streams(), asks=st.lists(_needed, min_size=2, max_size=4), data=st.data())
+def test_memory_store_stays_exact_when_callers_ask_for_new_features(
+    steps: list[tuple[str, object]], asks: list[frozenset[str] | None], data: st.DataObject
+) -> None:
+    """Each observe asks for one of several feature sets, so the store starts keeping
+    distinct-value indexes mid-stream (rebuilt from the entities' histories): still exact."""
+    store, oracle = MemoryStore(PROPERTY_CONFIG), Oracle(PROPERTY_CONFIG)
+    for kind, step in steps:
+        if kind == "label":
+            txid, is_fraud = step  # type: ignore[misc]
+            assert store.record_label(txid, is_fraud) in oracle.label(txid, is_fraud)
+            continue
+        assert isinstance(step, Event)
+        needed = data.draw(st.sampled_from(asks))
+        got = store.observe(step, needed)
+        expected = oracle.observe(step)
+        if expected is not None:
+            assert got == {
+                entity: {k: v for k, v in values.items() if needed is None or k in needed}
+                for entity, values in expected.items()
+            }, (step, needed)
+
+
 @pytest.mark.integration
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
