@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from typing import Any
+
 from detector.engine import ENTITY_VARIABLES, Detector, RiskModel, variable_schema
 from detector.rules import Ruleset, default_ruleset_path, load_ruleset
 from detector.service import Service
@@ -60,3 +63,26 @@ def build_service(settings: Settings, sink: Sink | None = None) -> Service:
     """Everything a function needs; gRPC and Redis connections open on first use."""
     detector = build_detector(settings)
     return Service(settings, detector, sink or PubSubSink(settings.publish_timeout))
+
+
+def _freeze_survivors(phase: str, info: dict[str, Any]) -> None:
+    if phase == "stop" and info["generation"] == 2:
+        gc.freeze()
+
+
+def bound_collector_pauses() -> None:
+    """Keep the cyclic garbage collector's pauses short in a long-running function.
+
+    The memory state store holds hundreds of thousands of container objects (each entity's
+    lists), and a full collection walks every one of them: 150-180 ms at 100,000
+    transactions, long enough to show in the p99 of every message in flight. Right after a
+    full collection everything left is alive, so moving it to the permanent generation
+    (`gc.freeze`) loses nothing the collector could free then, and each later full
+    collection walks only what was allocated since (a few ms). Objects frozen this way are
+    freed by reference counting as usual; only a cycle formed among them afterwards would
+    stay, and the store makes none. Idempotent.
+    """
+    if _freeze_survivors not in gc.callbacks:
+        gc.collect()
+        gc.freeze()
+        gc.callbacks.append(_freeze_survivors)

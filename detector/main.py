@@ -26,11 +26,12 @@ import orjson  # noqa: E402
 from cloudevents.http import CloudEvent  # noqa: E402
 
 from detector import logs  # noqa: E402
-from detector.app import build_service  # noqa: E402
+from detector.app import bound_collector_pauses, build_service  # noqa: E402
 from detector.settings import Settings  # noqa: E402
 
 logs.configure()
 service = build_service(Settings.from_env())
+bound_collector_pauses()
 
 
 @functions_framework.cloud_event

@@ -226,3 +226,28 @@ def test_default_rules_never_block_an_ordinary_lone_transaction(
     assert status == 200
     assert verdict["decision"] != "block"
     assert verdict["is_fraud"] is False
+
+
+def test_full_collections_freeze_what_survives_them() -> None:
+    """The function's collector policy: after a full collection its survivors are frozen, so
+    the next full collection walks only newer objects (and a store's history is not rescanned)."""
+    import gc
+
+    from detector.app import _freeze_survivors, bound_collector_pauses
+
+    was_frozen = gc.get_freeze_count()
+    try:
+        bound_collector_pauses()
+        bound_collector_pauses()  # idempotent: one callback
+        assert gc.callbacks.count(_freeze_survivors) == 1
+        after_start = gc.get_freeze_count()
+        assert after_start > was_frozen
+        survivors = [[i] for i in range(1000)]  # 1,001 tracked containers
+        gc.collect(1)
+        assert gc.get_freeze_count() == after_start  # young collections freeze nothing
+        gc.collect()
+        assert gc.get_freeze_count() >= after_start + len(survivors)
+        assert all(obj is not survivors for obj in gc.get_objects(generation=2))
+    finally:
+        gc.callbacks.remove(_freeze_survivors)
+        gc.unfreeze()
