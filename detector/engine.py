@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -50,9 +49,14 @@ _SEVERITY_SCORE = {"block": 1.0, "review": 0.5, "allow": 0.0}
 class Contribution(Protocol):
     """One feature's push on the model's score."""
 
-    feature: str
-    value: float
-    contribution: float
+    @property
+    def feature(self) -> str: ...
+
+    @property
+    def value(self) -> float: ...
+
+    @property
+    def contribution(self) -> float: ...
 
 
 class RiskModel(Protocol):
@@ -66,8 +70,7 @@ class RiskModel(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The decision on one transaction, as published and returned over HTTP.
 
     Attributes:
@@ -217,17 +220,17 @@ class Detector:
         evaluation = self.rules.evaluate(activation)
         decision = evaluation.decision
         score = activation.get("score", _SEVERITY_SCORE[decision])
-        body = dict(raw)
-        body.update(
-            transaction_id=transaction_id,
-            is_fraud=decision == "block",
-            decision=decision,
-            score=round(score, 6),
-            reasons=[hit.as_dict() for hit in evaluation.hits],
-            rules_version=self.rules.version,
-            message_id=message_id,
-            decided_at=rfc3339(decided_at),
-        )
+        body = {
+            **raw,
+            "transaction_id": transaction_id,
+            "is_fraud": decision == "block",
+            "decision": decision,
+            "score": round(score, 6),
+            "reasons": [hit.as_dict() for hit in evaluation.hits],
+            "rules_version": self.rules.version,
+            "message_id": message_id,
+            "decided_at": rfc3339(decided_at),
+        }
         if self.model is not None:
             body["model_version"] = self.model.version
             body["score_factors"] = [

@@ -43,7 +43,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -63,8 +63,7 @@ class ModelError(ConfigError):
     """The model artifact cannot be used; the function must not start."""
 
 
-@dataclass(slots=True)  # not frozen: the engine's Contribution protocol has plain attributes
-class Factor:
+class Factor(NamedTuple):
     """One feature's push on the score: its value and its credit in log-odds."""
 
     feature: str
