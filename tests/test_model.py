@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -123,6 +124,48 @@ def test_compiled_walk_matches_the_node_arrays(
     if frauds is not None:
         activation["by_terminal"]["fraud_count_30d"] = float(frauds)
     assert model().raw_score(activation) == pytest.approx(reference_raw(ARTIFACT, activation))
+
+
+def _edges(doc: dict[str, Any]) -> list[list[float]]:
+    """Per feature: every split threshold, its neighbours, and the values that break bins."""
+    values: list[set[float]] = [
+        {-1.0, 0.0, -0.0, math.inf, -math.inf, math.nan} for _ in doc["features"]
+    ]
+    for tree in doc["trees"]:
+        for feature, threshold in zip(tree["feature"], tree["threshold"], strict=True):
+            if feature >= 0:
+                values[feature].update(
+                    {
+                        threshold,
+                        math.nextafter(threshold, -math.inf),
+                        math.nextafter(threshold, math.inf),
+                    }
+                )
+    return [sorted(v, key=lambda x: (math.isnan(x), x)) for v in values]
+
+
+BUNDLED = orjson.loads(default_model_path().read_bytes())
+BUNDLED_EDGES = _edges(BUNDLED)
+bundled_model = functools.cache(lambda: load_model(default_model_path()))
+
+
+@given(st.data())
+def test_bundled_model_goes_the_way_of_the_node_arrays_at_every_threshold(
+    data: st.DataObject,
+) -> None:
+    """The compiled walk compares each feature's bin (bisect over its thresholds): on the
+    thresholds themselves, one ulp either side, NaN and infinities it takes the same branches
+    as comparing the values, for every tree of the bundled model."""
+    activation: dict[str, Any] = {}
+    for name, edges in zip(BUNDLED["features"], BUNDLED_EDGES, strict=True):
+        value = data.draw(st.sampled_from(edges) | st.floats(allow_nan=True), label=name)
+        if "." in name:
+            entity, feature = name.split(".", 1)
+            activation.setdefault(entity, {})[feature] = value
+        else:
+            activation[name] = value
+    got = bundled_model().raw_score(activation)
+    assert got == pytest.approx(reference_raw(BUNDLED, activation), rel=1e-9, abs=1e-9)
 
 
 def test_round_trip_through_json() -> None:
