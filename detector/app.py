@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from typing import Any
 
 from detector.engine import ENTITY_VARIABLES, Detector, RiskModel, variable_schema
@@ -65,24 +66,55 @@ def build_service(settings: Settings, sink: Sink | None = None) -> Service:
     return Service(settings, detector, sink or PubSubSink(settings.publish_timeout))
 
 
-def _freeze_survivors(phase: str, info: dict[str, Any]) -> None:
-    if phase == "stop" and info["generation"] == 2:
-        gc.freeze()
+#: Seconds between full collections that walk the frozen objects too (see `CollectorPolicy`).
+FULL_WALK_EVERY = 600.0
 
 
-def bound_collector_pauses() -> None:
+class CollectorPolicy:
+    """A gc callback: freeze what survives each full collection; now and then, walk it all.
+
+    After a full collection everything left is alive then, so freezing it (`gc.freeze`) loses
+    nothing the collector could free at that moment, and later full collections walk only
+    what was allocated since. But objects alive only for a while, such as a request in flight
+    on another thread (werkzeug's request and its environ refer to each other), are frozen too,
+    and a cycle among frozen objects is never examined again. So once `every` seconds have
+    passed, the next full collection starts by unfreezing everything (`gc.unfreeze`) and walks
+    it all: one long collection per period bounds what such cycles can hold.
+    """
+
+    def __init__(self, every: float = FULL_WALK_EVERY, clock: Any = time.monotonic) -> None:
+        self.every = every
+        self.clock = clock
+        self.last_full_walk = clock()
+        self.full_walks = 0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            now = self.clock()
+            if now - self.last_full_walk >= self.every:
+                gc.unfreeze()  # this collection walks everything
+                self.last_full_walk = now
+                self.full_walks += 1
+        else:
+            gc.freeze()
+
+
+def bound_collector_pauses(every: float = FULL_WALK_EVERY) -> CollectorPolicy:
     """Keep the cyclic garbage collector's pauses short in a long-running function.
 
     The memory state store holds hundreds of thousands of container objects (each entity's
-    lists), and a full collection walks every one of them: 150-180 ms at 100,000
-    transactions, long enough to show in the p99 of every message in flight. Right after a
-    full collection everything left is alive, so moving it to the permanent generation
-    (`gc.freeze`) loses nothing the collector could free then, and each later full
-    collection walks only what was allocated since (a few ms). Objects frozen this way are
-    freed by reference counting as usual; only a cycle formed among them afterwards would
-    stay, and the store makes none. Idempotent.
+    lists), and a full collection walks every one of them: 130-160 ms at 100,000
+    transactions (bench/bench_pauses.py), long enough to show in the p99 of every message in
+    flight. With `CollectorPolicy` installed they walk only what was allocated since the
+    previous one, except one full walk every `every` seconds. What is alive at start-up
+    (modules, rules, model) is frozen at once. Idempotent: returns the installed policy.
     """
-    if _freeze_survivors not in gc.callbacks:
-        gc.collect()
-        gc.freeze()
-        gc.callbacks.append(_freeze_survivors)
+    for callback in gc.callbacks:
+        if isinstance(callback, CollectorPolicy):
+            return callback
+    policy = CollectorPolicy(every)
+    gc.freeze()
+    gc.callbacks.append(policy)
+    return policy

@@ -230,24 +230,41 @@ def test_default_rules_never_block_an_ordinary_lone_transaction(
 
 def test_full_collections_freeze_what_survives_them() -> None:
     """The function's collector policy: after a full collection its survivors are frozen, so
-    the next full collection walks only newer objects (and a store's history is not rescanned)."""
+    the next full collection walks only newer objects (and a store's history is not rescanned);
+    once a period has passed, a full collection walks the frozen objects too and frees a cycle
+    that was frozen while still in use."""
     import gc
+    import weakref
 
-    from detector.app import _freeze_survivors, bound_collector_pauses
+    from detector.app import CollectorPolicy, bound_collector_pauses
 
-    was_frozen = gc.get_freeze_count()
+    class Node:
+        partner: object = None
+
+    now = [0.0]
+    policy = CollectorPolicy(every=600.0, clock=lambda: now[0])
+    gc.callbacks.append(policy)
     try:
-        bound_collector_pauses()
-        bound_collector_pauses()  # idempotent: one callback
-        assert gc.callbacks.count(_freeze_survivors) == 1
-        after_start = gc.get_freeze_count()
-        assert after_start > was_frozen
-        survivors = [[i] for i in range(1000)]  # 1,001 tracked containers
+        assert bound_collector_pauses() is policy  # idempotent: the installed one
+        survivors = [[i] for i in range(1000)]
+        in_use = Node()
+        in_use.partner = Node()
+        in_use.partner.partner = in_use  # a cycle, like werkzeug's request and environ
+        probe = weakref.ref(in_use)
+        before = gc.get_freeze_count()
         gc.collect(1)
-        assert gc.get_freeze_count() == after_start  # young collections freeze nothing
+        assert gc.get_freeze_count() == before  # young collections freeze nothing
         gc.collect()
-        assert gc.get_freeze_count() >= after_start + len(survivors)
+        assert gc.get_freeze_count() >= before + len(survivors)
         assert all(obj is not survivors for obj in gc.get_objects(generation=2))
+        del in_use
+        gc.collect()
+        assert probe() is not None  # frozen: the collector no longer looks at it
+        now[0] = 600.0
+        gc.collect()
+        assert probe() is None  # the periodic full walk freed it
+        assert policy.full_walks == 1
+        assert gc.get_freeze_count() >= len(survivors)  # and froze the survivors again
     finally:
-        gc.callbacks.remove(_freeze_survivors)
+        gc.callbacks.remove(policy)
         gc.unfreeze()
