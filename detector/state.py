@@ -52,6 +52,7 @@ import logging
 import re
 import threading
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple, Protocol
@@ -756,6 +757,9 @@ class MemoryStore:
         }
         # transaction_id -> (record, customer, card, terminal, merchant)
         self._txs: dict[str, _Known] = {}
+        # The same ids in the order they were recorded (roughly event time), to forget from
+        # the front without scanning the dict's deleted slots.
+        self._arrivals: deque[str] = deque()
         self._labels: dict[str, bool] = {}
         self._watermark = float("-inf")
         # Forgetting runs when the watermark has advanced this far since the last time.
@@ -892,6 +896,7 @@ class MemoryStore:
                 out = self._builder.build(kind, amount, raws, gap)
                 features[kind] = out if plan.keys is None else plan.select(out)
         self._txs[txid] = (tx, event.customer, event.card, event.terminal, event.merchant)
+        self._arrivals.append(txid)
         if ts > self._watermark:
             self._watermark = ts
             if ts >= self._next_sweep:
@@ -949,24 +954,35 @@ class MemoryStore:
                     elif h.ts[0] <= cutoff:
                         h.trim(cutoff)
                 yield
-        labels, txs = self._labels, self._txs
         while True:
-            cutoff = self._watermark - self._keep
-            old: list[str] = []
-            for txid, known in txs.items():
-                # Roughly in event-time order: late stragglers go on a later pass.
-                if known[0][_TS] > cutoff or len(old) == SWEEP_SLICE:
-                    break
-                old.append(txid)
-            for txid in old:
-                del txs[txid]
-                labels.pop(txid, None)
-            forgotten += len(old)
-            if len(old) < SWEEP_SLICE:
+            remembered = len(self._txs)
+            more = self._forget_ids()
+            forgotten += remembered - len(self._txs)
+            if not more:
                 break
             yield
         if gone or forgotten:
             log.debug("forgot %d entities and %d transactions", gone, forgotten)
+
+    def _forget_ids(self) -> bool:
+        """Forget up to `SWEEP_SLICE` remembered ids older than the retention, oldest first.
+
+        Returns whether more may be due. Ids are in the order recorded, roughly event time:
+        a late straggler behind a newer id waits for a later pass.
+        """
+        cutoff = self._watermark - self._keep
+        arrivals, txs, labels = self._arrivals, self._txs, self._labels
+        for _ in range(SWEEP_SLICE):
+            if not arrivals:
+                return False
+            known = txs.get(arrivals[0])
+            if known is not None and known[0][_TS] > cutoff:
+                return False
+            txid = arrivals.popleft()
+            if known is not None:
+                del txs[txid]
+                labels.pop(txid, None)
+        return True
 
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         """See `StateStore.record_label`."""
@@ -1002,7 +1018,9 @@ class MemoryStore:
             for histories in self._entities.values():
                 histories.clear()
             self._txs.clear()
+            self._arrivals.clear()
             self._labels.clear()
+            self._sweeper = None
 
 
 def open_store(config: StateConfig, redis_url: str | None) -> StateStore:

@@ -15,6 +15,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from detector import state
 from detector.redis_store import RedisStore, redact
 from detector.state import (
     DEFAULT_WINDOWS,
@@ -522,6 +523,27 @@ def test_memory_store_forgets_beyond_retention() -> None:
     assert store.entity_count <= 7 + 171
     got = store.observe(ev("last", 20_000.0, 1.0, customer="c0", terminal="t0"))
     assert got["terminal"]["count_100s"] == 15.0  # i % 7 == 0 in (19900, 20000)
+
+
+def test_memory_store_forgets_in_slices_and_stays_exact() -> None:
+    """Ten transactions a second over 5,000 customers: each forgetting pass has ~1,100
+    entities and ~600 expired ids to visit, more than one slice of each, spread over the
+    following transactions. Memory stays bounded and the windows exact."""
+    config = StateConfig(windows=(100,), allowed_lateness=10)
+    store = MemoryStore(config)
+    recent: list[tuple[float, str]] = []
+    for i in range(40_000):
+        ts = i / 10
+        terminal = f"t{i % 7}"
+        got = store.observe(ev(f"t{i}", ts, 1.0, customer=f"c{i % 5000}", terminal=terminal))
+        if terminal == "t0":
+            expected = sum(1 for when, _ in recent if when > ts - 100)
+            assert got["terminal"]["count_100s"] == float(expected), i
+            recent.append((ts, terminal))
+    # 110 s of retention and a pass every 60 s, at 10 transactions a second, plus the slices
+    # of a pass still under way.
+    assert 1_100 <= len(store) <= 1_700 + 2 * state.SWEEP_SLICE
+    assert store.entity_count <= 7 + 1_700 + 2 * state.SWEEP_SLICE
 
 
 @pytest.mark.integration
