@@ -13,7 +13,7 @@ import requests
 from google.cloud import pubsub_v1
 
 from stack import services
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, startup_error
 from tests.pubsub import create_subscription, create_topic, pull, topic_path
 
 pytestmark = pytest.mark.integration
@@ -161,15 +161,10 @@ def test_a_bad_rules_file_stops_the_function_from_starting(workdir: Path) -> Non
         "  - {id: typo, description: d, condition: ammount > 5, action: block}\n"
         "  - {id: big, description: d, condition: amount > 5, action: blok}\n"
     )
-    env = {"GOOGLE_CLOUD_PROJECT": PROJECT, "RULES_FILE": str(rules)}
-    with (
-        pytest.raises(RuntimeError) as caught,
-        services.function_server("score_transaction", "http", env, workdir),
-    ):
-        pass
-    assert 'rule "typo"' in str(caught.value)
-    assert "ammount" in str(caught.value)
-    assert 'rule "big"' in str(caught.value)
+    error = startup_error({"GOOGLE_CLOUD_PROJECT": PROJECT, "RULES_FILE": str(rules)}, workdir)
+    assert 'rule "typo"' in error
+    assert "ammount" in error
+    assert 'rule "big"' in error
 
 
 @pytest.fixture()

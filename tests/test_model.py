@@ -291,19 +291,13 @@ def test_windows_the_model_reads_are_added_to_the_state(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_a_corrupt_model_stops_the_function_from_starting(workdir: Path) -> None:
     """Under functions-framework, a corrupt MODEL_PATH fails start-up with the file and problem."""
-    from stack import services
-    from tests.conftest import PROJECT
+    from tests.conftest import PROJECT, startup_error
 
     path = workdir / "model.json"
     path.write_bytes(b'{"format": "fraud-detector-trees/1", "version": "x", "trees": []}')
-    env = {"GOOGLE_CLOUD_PROJECT": PROJECT, "MODEL_PATH": str(path)}
-    with (
-        pytest.raises(RuntimeError) as caught,
-        services.function_server("score_transaction", "http", env, workdir),
-    ):
-        pass
-    assert "model.json" in str(caught.value)
-    assert "trees: must be a non-empty list" in str(caught.value)
+    error = startup_error({"GOOGLE_CLOUD_PROJECT": PROJECT, "MODEL_PATH": str(path)}, workdir)
+    assert "model.json" in error
+    assert "trees: must be a non-empty list" in error
 
 
 @pytest.mark.integration
