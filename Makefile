@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo up test lint typecheck schemas clean
+.PHONY: venv native demo up test lint typecheck schemas clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,16 +13,21 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(BIN)/.installed
 
+## The optional C walk of the tree model (detector/_forest.c): same verdicts, faster.
+native: venv
+	PYTHONWARNINGS=ignore $(BIN)/python setup.py --quiet build_ext --inplace
+	$(BIN)/python -c "import detector._forest"
+
 ## The main job: emulator, functions, simulated stream, live and final report.
-demo: venv
+demo: venv native
 	$(BIN)/python -m stack demo
 
 ## The local stack alone, until Ctrl-C.
-up: venv
+up: venv native
 	$(BIN)/python -m stack up
 
 ## Every check: lint, types, schemas in sync, and the whole test suite.
-test: venv lint typecheck
+test: venv native lint typecheck
 	$(BIN)/python -m detector schemas --check
 	$(BIN)/pytest
 
@@ -37,4 +42,4 @@ schemas: venv
 	$(BIN)/python -m detector schemas
 
 clean:
-	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache build/temp.* detector/_forest.*.so

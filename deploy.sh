@@ -466,7 +466,8 @@ package_source() {
   mkdir -p "$dir"
   tar -C "$ROOT" -cf - \
     --exclude=__pycache__ --exclude='*.py[co]' --exclude=tests --exclude=.mypy_cache \
-    --exclude=.pytest_cache --exclude='*.egg-info' detector | tar -C "$dir" -xf -
+    --exclude=.pytest_cache --exclude='*.egg-info' --exclude='*.so' --exclude='*.c' \
+    --exclude='*.pyi' detector | tar -C "$dir" -xf -
   cp "$ROOT/requirements.txt" "$dir/requirements.txt"
   cat >"$dir/main.py" <<'EOF'
 """Cloud Functions entry points of the upload (written by deploy.sh; edit detector/main.py)."""

@@ -25,9 +25,12 @@ over trees, the credits plus the roots' values equal the raw score exactly. The 
 the three largest by absolute value (log-odds units).
 
 Speed: the ensemble is compiled, at load, into the source of ONE Python function that reads
-each feature once into a local and walks every tree as nested ``if`` statements, recording the
-leaf reached; each leaf carries its precomputed score and per-feature path credits. The
-generated code contains only numbers and ``repr`` of feature names checked against a pattern.
+each feature once into a local and walks every tree as nested ``if`` statements; each leaf adds
+its precomputed per-feature path credits. The generated code contains only numbers and
+``repr`` of feature names checked against a pattern. Where the optional C extension
+`detector._forest` is built (``make native``; not in a Cloud Functions upload), the walk runs
+there instead: the same comparisons and additions in the same order, so the same bits, about
+ten times faster (BENCHMARKS.md). `TreeModel.native` says which one runs.
 
 Errors (raised at load, never per transaction)::
 
@@ -43,11 +46,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from detector.errors import ConfigError
+
+if TYPE_CHECKING:
+    from detector._forest import Forest
 
 FORMAT = "fraud-detector-trees/1"
 #: How many features a verdict names.
@@ -133,7 +139,10 @@ class TreeModel:
         trees: Sequence[_Tree],
         missing: float = -1.0,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        native: bool = True,
     ) -> None:
+        """See the class; `native=False` walks in Python even where the C extension is built."""
         self.version = version
         self.features = tuple(features)
         self.variables = frozenset(self.features)
@@ -142,7 +151,11 @@ class TreeModel:
         self.metadata = dict(metadata or {})
         self.trees = tuple(trees)
         self.bias = sum(tree.value[0] for tree in self.trees)
-        self._walk = self._compile()
+        self._credits = [_leaf_credits(tree) for tree in self.trees]
+        forest = _forest(self.trees, self._credits, len(self.features)) if native else None
+        #: Whether the walk runs in the C extension (else in generated Python).
+        self.native = forest is not None
+        self._walk = self._compile(forest)
 
     def raw_score(self, activation: Mapping[str, Any]) -> float:
         """The ensemble's raw score (log-odds)."""
@@ -151,23 +164,31 @@ class TreeModel:
 
     def score(self, activation: Mapping[str, Any]) -> tuple[float, list[Factor]]:
         """Fraud probability and the `TOP_FACTORS` features that moved it most."""
-        values, credit = self._walk(activation)
+        values, credit, top = self._walk(activation)
         raw = self.bias + sum(credit)
         if raw >= 0:
             probability = 1.0 / (1.0 + math.exp(-raw))
         else:
             odds = math.exp(raw)
             probability = odds / (1.0 + odds)
+        names = self.features
+        return probability, [Factor(names[i], float(values[i]), credit[i]) for i in top]
+
+    def _top(self, credit: tuple[float, ...]) -> list[int]:
+        """Indexes of the `TOP_FACTORS` largest credits by size, largest first, zeros left out.
+
+        Ties keep input order (a stable sort), as the C walk does.
+        """
         size = list(map(abs, credit))
         top = sorted(self._indexes, key=size.__getitem__, reverse=True)[:TOP_FACTORS]
-        names = self.features
-        return probability, [Factor(names[i], float(values[i]), credit[i]) for i in top if size[i]]
+        return [i for i in top if size[i]]
 
-    def _compile(self) -> Any:
-        """Generate and compile walk(activation) -> (feature values, credits per feature).
+    def _compile(self, forest: Forest | None) -> Any:
+        """Generate and compile walk(activation) -> (feature values, credits, top credits).
 
         Each leaf adds its path's per-feature credits to local accumulators, so one call walks
-        every tree with nothing but comparisons and float additions.
+        every tree with nothing but comparisons and float additions; with a `forest` (the C
+        extension's), the generated code only reads the features and the forest walks.
         """
         lines = ["def walk(a):"]
         entities = sorted({name.split(".", 1)[0] for name in self.features if "." in name})
@@ -184,38 +205,45 @@ class TreeModel:
                 lines.append(f"    f{i} = {local[entity]}.get({feature!r}, {missing})")
             else:
                 lines.append(f"    f{i} = a.get({name!r}, {missing})")
-            lines.append(f"    c{i} = 0.0")
-        for tree in self.trees:
-            self._emit(tree, 0, 1, lines, {})
+            if forest is None:
+                lines.append(f"    c{i} = 0.0")
         values = ", ".join(f"f{i}" for i in range(count))
-        credits = ", ".join(f"c{i}" for i in range(count))
         comma = "," if count == 1 else ""
-        lines.append(f"    return ({values}{comma}), ({credits}{comma})")
+        if forest is None:
+            for tree, credits in zip(self.trees, self._credits, strict=True):
+                self._emit(tree, credits, 0, 1, lines)
+            accumulators = ", ".join(f"c{i}" for i in range(count))
+            lines.append(f"    c = ({accumulators}{comma})")
+            lines.append(f"    return ({values}{comma}), c, top(c)")
+        else:
+            lines.append(f"    v = ({values}{comma})")
+            lines.append(f"    c, t = forest(v, {TOP_FACTORS})")
+            lines.append("    return v, c, t")
         self.source = "\n".join(lines) + "\n"
-        namespace: dict[str, Any] = {"__builtins__": {}, "E": {}}
+        namespace: dict[str, Any] = {"__builtins__": {}, "E": {}, "top": self._top}
+        if forest is not None:
+            namespace["forest"] = forest.walk
         exec(compile(self.source, f"<model {self.version}>", "exec"), namespace)
         return namespace["walk"]
 
     def _emit(
-        self, tree: _Tree, node: int, depth: int, lines: list[str], credit: dict[int, float]
+        self,
+        tree: _Tree,
+        credits: dict[int, list[tuple[int, float]]],
+        node: int,
+        depth: int,
+        lines: list[str],
     ) -> None:
         indent = "    " * depth
         feature = tree.feature[node]
         if feature < 0:
-            # The raw score is bias + the sum of the credits (they telescope from the root to
-            # the leaf), so a leaf only adds its path's credits; a path whose credits are all
-            # zero adds nothing.
-            adds = [f"c{f} += {c!r}" for f, c in sorted(credit.items()) if c]
+            adds = [f"c{f} += {c!r}" for f, c in credits[node]]
             lines.append(indent + ("; ".join(adds) or "pass"))
             return
         lines.append(f"{indent}if f{feature} <= {tree.threshold[node]!r}:")
-        left, right = tree.left[node], tree.right[node]
-        for child in (left, right):
-            branch = dict(credit)
-            branch[feature] = branch.get(feature, 0.0) + tree.value[child] - tree.value[node]
-            self._emit(tree, child, depth + 1, lines, branch)
-            if child == left:
-                lines.append(f"{indent}else:")
+        self._emit(tree, credits, tree.left[node], depth + 1, lines)
+        lines.append(f"{indent}else:")
+        self._emit(tree, credits, tree.right[node], depth + 1, lines)
 
     def to_json(self) -> bytes:
         """The artifact, as `load_model` reads it."""
@@ -238,6 +266,60 @@ class TreeModel:
                 "training": self.metadata,
             }
         )
+
+
+def _leaf_credits(tree: _Tree) -> dict[int, list[tuple[int, float]]]:
+    """What each leaf adds, by node: (feature, credit) for its path's features, in order.
+
+    The raw score is bias + the sum of the credits (they telescope from the root to the
+    leaf), so a leaf only adds its path's credits; a zero credit adds nothing. Both walks
+    (generated Python and C) add exactly these, in this order.
+    """
+    leaves: dict[int, list[tuple[int, float]]] = {}
+    stack: list[tuple[int, dict[int, float]]] = [(0, {})]
+    while stack:
+        node, credit = stack.pop()
+        feature = tree.feature[node]
+        if feature < 0:
+            leaves[node] = [(f, c) for f, c in sorted(credit.items()) if c]
+            continue
+        for child in (tree.left[node], tree.right[node]):
+            branch = dict(credit)
+            branch[feature] = branch.get(feature, 0.0) + tree.value[child] - tree.value[node]
+            stack.append((child, branch))
+    return leaves
+
+
+def _forest(
+    trees: Sequence[_Tree], credits: Sequence[dict[int, list[tuple[int, float]]]], width: int
+) -> Forest | None:
+    """The trees as the C extension's `Forest`, or None where it is not built."""
+    try:
+        from detector._forest import Forest
+    except ImportError:
+        return None
+    feature: list[int] = []
+    threshold: list[float] = []
+    left: list[int] = []
+    right: list[int] = []
+    roots: list[int] = []
+    starts: list[int] = []
+    add_feature: list[int] = []
+    add_credit: list[float] = []
+    for tree, leaves in zip(trees, credits, strict=True):
+        offset = len(feature)
+        roots.append(offset)
+        for node, split in enumerate(tree.feature):
+            feature.append(split)
+            threshold.append(tree.threshold[node])
+            left.append(tree.left[node] + offset if split >= 0 else 0)
+            right.append(tree.right[node] + offset if split >= 0 else 0)
+            starts.append(len(add_feature))
+            for f, c in leaves.get(node, ()):
+                add_feature.append(f)
+                add_credit.append(c)
+    starts.append(len(add_feature))
+    return Forest(width, feature, threshold, left, right, roots, starts, add_feature, add_credit)
 
 
 def _check_feature(name: object) -> str | None:

@@ -104,7 +104,7 @@ def test_contributions_add_up_to_the_raw_score() -> None:
     """Saabas attribution is exact: bias + credits = raw score."""
     m = model()
     activation = {"amount": 100.0, "by_customer": {"mean_30d": 80.0}}
-    _values, credits = m._walk(activation)
+    _values, credits, _top = m._walk(activation)
     assert m.bias + sum(credits) == pytest.approx(reference_raw(ARTIFACT, activation))
     assert m.raw_score(activation) == pytest.approx(reference_raw(ARTIFACT, activation))
 
@@ -166,6 +166,101 @@ def test_bundled_model_goes_the_way_of_the_node_arrays_at_every_threshold(
             activation[name] = value
     got = bundled_model().raw_score(activation)
     assert got == pytest.approx(reference_raw(BUNDLED, activation), rel=1e-9, abs=1e-9)
+
+
+def pure(m: TreeModel) -> TreeModel:
+    """The same model walked in generated Python, whether or not the C walk is built."""
+    return TreeModel(m.version, m.features, m.trees, m.missing, m.metadata, native=False)
+
+
+native = pytest.mark.skipif(
+    not bundled_model().native, reason="the C walk is not built here (make native)"
+)
+
+
+@native
+@given(st.data())
+def test_the_c_walk_gives_the_bits_of_the_python_walk_on_the_bundled_model(
+    data: st.DataObject,
+) -> None:
+    """Probability, factors and their order are identical, on thresholds and off them."""
+    activation: dict[str, Any] = {"weekday": data.draw(st.integers(1, 7), label="weekday")}
+    for name, edges in zip(BUNDLED["features"], BUNDLED_EDGES, strict=True):
+        if data.draw(st.booleans(), label=f"{name} present"):
+            value = data.draw(st.sampled_from(edges) | st.floats(allow_nan=True), label=name)
+            if "." in name:
+                entity, feature = name.split(".", 1)
+                activation.setdefault(entity, {})[feature] = value
+            else:
+                activation[name] = value
+    fast, slow = bundled_model(), pure(bundled_model())
+    assert fast.native and not slow.native
+    assert repr(fast.score(activation)) == repr(slow.score(activation))
+    assert repr(fast.raw_score(activation)) == repr(slow.raw_score(activation))
+
+
+@st.composite
+def forests(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A random artifact (any shape, ties between credits likely) and inputs for it."""
+    width = draw(st.integers(1, 5))
+    values = st.sampled_from([0.0, 0.5, -0.5, 1.0, 2.0]) | st.floats(-8, 8)
+    trees = []
+    for _ in range(draw(st.integers(1, 6))):
+        feature: list[int] = [-1]
+        threshold: list[float] = [0.0]
+        left: list[int] = [-1]
+        right: list[int] = [-1]
+        leaves = [0]
+        for _ in range(draw(st.integers(0, 6))):
+            node = leaves.pop(draw(st.integers(0, len(leaves) - 1)))
+            feature[node] = draw(st.integers(0, width - 1))
+            threshold[node] = draw(st.sampled_from([0.0, 1.0, -1.0]) | st.floats(-5, 5))
+            left[node], right[node] = len(feature), len(feature) + 1
+            for _ in range(2):
+                leaves.append(len(feature))
+                feature.append(-1)
+                threshold.append(0.0)
+                left.append(-1)
+                right.append(-1)
+        node_values = [draw(values) for _ in feature]
+        trees.append(
+            {
+                "feature": feature,
+                "threshold": threshold,
+                "left": left,
+                "right": right,
+                "value": node_values,
+            }
+        )
+    names = ["amount", "hour", "weekday", "by_card.count_1h", "by_terminal.sum_7d"][:width]
+    doc = {"format": FORMAT, "version": "random", "features": names, "trees": trees}
+    inputs = st.sampled_from([0.0, 1.0, -1.0, math.nan, math.inf]) | st.floats(-6, 6)
+    activations = []
+    for _ in range(draw(st.integers(1, 5))):
+        activation: dict[str, Any] = {}
+        for name in names:
+            if draw(st.booleans()):
+                value = draw(st.integers(-3, 3)) if name == "weekday" else draw(inputs)
+                entity, _, feature_name = name.rpartition(".")
+                if entity:
+                    activation.setdefault(entity, {})[feature_name] = value
+                else:
+                    activation[name] = value
+        activations.append(activation)
+    return doc, activations
+
+
+@native
+@given(forests())
+def test_the_c_walk_gives_the_bits_of_the_python_walk_on_any_forest(
+    case: tuple[dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    doc, activations = case
+    fast = parse_model(orjson.dumps(doc))
+    slow = pure(fast)
+    assert fast.native
+    for activation in activations:
+        assert repr(fast.score(activation)) == repr(slow.score(activation))
 
 
 def test_round_trip_through_json() -> None:
