@@ -1,7 +1,8 @@
 """Offline replay (backtest): run the detection core over a file of transactions.
 
     python -m detector replay --input tx.jsonl --output verdicts.jsonl \\
-        [--labels labels.jsonl --label-delay 7d] [--rules FILE] [--model MODEL|none]
+        [--labels labels.jsonl --label-delay 7d] [--rules FILE] [--model MODEL|none] \\
+        [--until TIME] [--workers N|auto]
 
 The same `Detector` as the functions (decode, state, model, rules) runs over the transactions
 in file order, which must be event-time order (as `python -m publisher simulate` writes it;
@@ -15,6 +16,10 @@ transaction's event time (so the output is a pure function of the input), and
 ``message_id`` is null (``line-N`` for a transaction without a transaction_id, which becomes
 its id too). A transaction without a timestamp takes the latest event time seen.
 Invalid lines are counted (they would be dead-lettered) and skipped.
+
+A large file is replayed on one process per core (`detector.parallel`: shards in event time,
+each warmed up on the history it needs, with the verdicts of one process; `--workers 1` to
+use one).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,14 +167,28 @@ Row = tuple[float, str, dict[str, Any], Transaction, datetime]
 
 @dataclass
 class Stream:
-    """Reads transactions from JSON lines, in file order, as `Timed` items; counts problems."""
+    """Reads transactions from JSON lines, in file order, as `Timed` items; counts problems.
+
+    Resumable: after `rows` ends, point `lines` at the next lines (and `number` at the line
+    number before them) and call it again; what it has seen carries over.
+    """
 
     lines: Iterable[bytes]
     until: float | None = None
+    #: Lines more than this many seconds behind the latest are counted in `behind`.
+    lateness: float = float("inf")
     invalid: int = 0
     out_of_order: int = 0
     untimed: int = 0
+    behind: int = 0
     examples: list[str] = field(default_factory=list)
+    #: Number of the last line read (1-based line numbers).
+    number: int = 0
+    #: The latest event time seen (epoch seconds), and as a datetime.
+    latest: float = float("-inf")
+    latest_moment: datetime | None = None
+    #: A line at or after `until` was reached: nothing more is read.
+    stopped: bool = False
 
     def __iter__(self) -> Iterator[Timed[Decoded]]:
         for when, tid, raw, transaction, moment in self.rows():
@@ -176,37 +196,47 @@ class Stream:
 
     def rows(self) -> Iterator[Row]:
         """The same items as plain `Row` tuples: no objects per line but the tuple."""
-        latest = float("-inf")
-        latest_moment: datetime | None = None
-        for number, line in enumerate(self.lines, 1):
-            if not line.strip():
-                continue
-            try:
-                raw, transaction = decode(line)
-            except MessageError as error:
-                self.invalid += 1
-                if len(self.examples) < 5:
-                    self.examples.append(f"line {number}: {error}")
-                    log.warning("line %d skipped (would be dead-lettered): %s", number, error)
-                continue
-            moment = transaction.timestamp
-            if moment is None:
-                if latest_moment is None:
+        if self.stopped:
+            return
+        latest, latest_moment = self.latest, self.latest_moment
+        until, lateness = self.until, self.lateness
+        number = self.number
+        try:
+            for number, line in enumerate(self.lines, self.number + 1):
+                if not line.strip():
+                    continue
+                try:
+                    raw, transaction = decode(line)
+                except MessageError as error:
                     self.invalid += 1
                     if len(self.examples) < 5:
-                        self.examples.append(f"line {number}: no timestamp and none before it")
+                        self.examples.append(f"line {number}: {error}")
+                        log.warning("line %d skipped (would be dead-lettered): %s", number, error)
                     continue
-                self.untimed += 1
-                moment = latest_moment
-            when = moment.timestamp()
-            if self.until is not None and when >= self.until:
-                return
-            if when < latest:
-                self.out_of_order += 1
-            else:
-                latest, latest_moment = when, moment
-            tid = transaction.transaction_id or f"line-{number}"
-            yield when, tid, raw, transaction, moment
+                moment = transaction.timestamp
+                if moment is None:
+                    if latest_moment is None:
+                        self.invalid += 1
+                        if len(self.examples) < 5:
+                            self.examples.append(f"line {number}: no timestamp and none before it")
+                        continue
+                    self.untimed += 1
+                    moment = latest_moment
+                when = moment.timestamp()
+                if until is not None and when >= until:
+                    self.stopped = True
+                    return
+                if when < latest:
+                    self.out_of_order += 1
+                    if when < latest - lateness:
+                        self.behind += 1
+                else:
+                    latest, latest_moment = when, moment
+                tid = transaction.transaction_id or f"line-{number}"
+                yield when, tid, raw, transaction, moment
+        finally:
+            self.number = number
+            self.latest, self.latest_moment = latest, latest_moment
 
 
 @dataclass
@@ -221,6 +251,8 @@ class Outcome:
     invalid: int = 0
     out_of_order: int = 0
     untimed: int = 0
+    #: Lines more than the allowed lateness behind the latest (see `Stream.lateness`).
+    behind: int = 0
     labelled: int = 0
     frauds: int = 0
     flagged_frauds: int = 0
@@ -228,6 +260,8 @@ class Outcome:
     rule_hits: Counter[str] = field(default_factory=Counter)
     rule_fraud_hits: Counter[str] = field(default_factory=Counter)
     scores: list[tuple[float, bool]] = field(default_factory=list)
+    #: Processes that shared the work (`detector.parallel`).
+    workers: int = 1
 
     @property
     def rate(self) -> float:
@@ -238,6 +272,167 @@ class Outcome:
     def cpu_rate(self) -> float:
         """Transactions per second of this process's CPU time (robust to a busy machine)."""
         return self.transactions / self.cpu_seconds if self.cpu_seconds else 0.0
+
+
+class Replayer:
+    """The replay loop, resumable: feed it lines in order, deciding on them or only warming up.
+
+    `warm` gives lines to the state store as `decide` would (labels included) and counts
+    nothing; `decide` decides on each line and counts it in `outcome`. A shard of a parallel
+    replay (`detector.parallel`) warms up on the retention before its first line, then decides.
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        write: Callable[[bytes], Any] | None = None,
+        *,
+        labels: Mapping[str, bool] | None = None,
+        label_delay: float = 0.0,
+        until: datetime | None = None,
+        lateness: float = float("inf"),
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.detector = detector
+        self.write = write
+        self.truth = labels or {}
+        self.label_delay = label_delay
+        self.progress = progress
+        self.outcome = Outcome()
+        self.stream = Stream((), until.timestamp() if until is not None else None, lateness)
+        self.pending: list[tuple[float, int, str, bool]] = []
+        self.sequence = 0
+
+    def warm(self, lines: Iterable[bytes], first: int = 1) -> None:
+        """Record lines `first`, `first + 1`, ... in the state store, deciding nothing."""
+        stream = self.stream
+        stream.lines, stream.number = lines, first - 1
+        counts = (stream.invalid, stream.out_of_order, stream.untimed, stream.behind)
+        store = self.detector.store
+        record_label = store.record_label if store is not None else None
+        record = self.detector.record
+        pending, get_truth, delay = self.pending, self.truth.get, self.label_delay
+        heappush, heappop = heapq.heappush, heapq.heappop
+        with _collector_paused():
+            for when, tid, _, transaction, moment in stream.rows():
+                while pending and pending[0][0] <= when:
+                    _, _, label_id, label_fraud = heappop(pending)
+                    if record_label is not None:
+                        record_label(label_id, label_fraud)
+                record(transaction, tid, moment)
+                fraud = get_truth(tid)
+                if fraud is not None:
+                    heappush(pending, (when + delay, self.sequence, tid, fraud))
+                    self.sequence += 1
+        stream.invalid, stream.out_of_order, stream.untimed, stream.behind = counts
+
+    def decide(self, lines: Iterable[bytes], first: int = 1) -> Outcome:
+        """Decide on lines `first`, `first + 1`, ...; returns the outcome so far."""
+        outcome = self.outcome
+        stream = self.stream
+        stream.lines, stream.number = lines, first - 1
+        detector = self.detector
+        store = detector.store
+        decide = detector.decide
+        truth = self.truth
+        label_delay = self.label_delay
+        progress = self.progress
+        scored = detector.model is not None and bool(truth)
+        # `merge_labels` inlined on plain tuples: the generator, `Timed`/`Decoded` objects and
+        # isinstance checks per line cost about as much as the rules.
+        pending = self.pending
+        sequence = self.sequence
+        heappush, heappop = heapq.heappush, heapq.heappop
+        record_label = store.record_label if store is not None else None
+        get_truth = truth.get
+        write = self.write
+        decisions = outcome.decisions
+        rule_hits = outcome.rule_hits
+        rule_fraud_hits = outcome.rule_fraud_hits
+        scores = outcome.scores
+        dumps = orjson.dumps
+        newline = orjson.OPT_APPEND_NEWLINE
+        count, labelled, frauds = outcome.transactions, outcome.labelled, outcome.frauds
+        flagged, blocked = outcome.flagged_frauds, outcome.blocked_frauds
+        injected = outcome.labels_injected
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        try:
+            with _collector_paused():
+                for when, tid, raw, transaction, moment in stream.rows():
+                    while pending and pending[0][0] <= when:
+                        _, _, label_id, label_fraud = heappop(pending)
+                        if record_label is not None:
+                            record_label(label_id, label_fraud)
+                        injected += 1
+                    verdict = decide(
+                        raw,
+                        transaction,
+                        # A transaction without an id gets "line-N" (deterministic) rather
+                        # than a random one: its verdict's transaction_id and message_id.
+                        message_id=None if transaction.transaction_id else tid,
+                        default_time=moment,
+                        decided_at=moment,
+                    )
+                    count += 1
+                    decision = verdict.decision
+                    decisions[decision] += 1
+                    body = verdict.body
+                    if write is not None:
+                        write(dumps(body, option=newline))
+                    fraud = get_truth(tid)
+                    if fraud is not None:
+                        labelled += 1
+                        if scored:
+                            scores.append((verdict.score, fraud))
+                        heappush(pending, (when + label_delay, sequence, tid, fraud))
+                        sequence += 1
+                        if fraud:
+                            frauds += 1
+                            if decision != "allow":
+                                flagged += 1
+                            if decision == "block":
+                                blocked += 1
+                    reasons = body["reasons"]
+                    if reasons:
+                        for reason in reasons:
+                            rule = reason["rule"]
+                            rule_hits[rule] += 1
+                            if fraud:
+                                rule_fraud_hits[rule] += 1
+                    if progress is not None and count % 100_000 == 0:
+                        progress(count)
+        finally:
+            self.sequence = sequence
+            outcome.transactions = count
+            outcome.labels_injected = injected
+            outcome.labelled = labelled
+            outcome.frauds = frauds
+            outcome.flagged_frauds = flagged
+            outcome.blocked_frauds = blocked
+            outcome.seconds += time.perf_counter() - started
+            outcome.cpu_seconds += time.process_time() - cpu_started
+            outcome.invalid = stream.invalid
+            outcome.out_of_order = stream.out_of_order
+            outcome.untimed = stream.untimed
+            outcome.behind = stream.behind
+        return outcome
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the duration.
+
+    The store keeps millions of small objects alive: the collector would walk them all again
+    and again (about half the run time) while finding nothing to free.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def replay(
@@ -261,91 +456,10 @@ def replay(
         until: stop at the first transaction at or after this time.
         progress: called with the count of transactions every 100,000.
     """
-    outcome = Outcome()
-    stream = Stream(lines, until.timestamp() if until is not None else None)
-    truth = labels or {}
-    store = detector.store
-    decide = detector.decide
-    scored = detector.model is not None and bool(truth)
-    # The store keeps millions of small objects alive: the cyclic collector would walk them
-    # all again and again (about half the run time) while finding nothing to free.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    # `merge_labels` inlined on plain tuples: the generator, `Timed`/`Decoded` objects and
-    # isinstance checks per line cost about as much as the rules.
-    pending: list[tuple[float, int, str, bool]] = []
-    sequence = 0
-    heappush, heappop = heapq.heappush, heapq.heappop
-    record_label = store.record_label if store is not None else None
-    get_truth = truth.get
-    decisions = outcome.decisions
-    rule_hits = outcome.rule_hits
-    rule_fraud_hits = outcome.rule_fraud_hits
-    scores = outcome.scores
-    dumps = orjson.dumps
-    newline = orjson.OPT_APPEND_NEWLINE
-    count = labelled = frauds = flagged = blocked = injected = 0
-    try:
-        for when, tid, raw, transaction, moment in stream.rows():
-            while pending and pending[0][0] <= when:
-                _, _, label_id, label_fraud = heappop(pending)
-                if record_label is not None:
-                    record_label(label_id, label_fraud)
-                injected += 1
-            verdict = decide(
-                raw,
-                transaction,
-                # A transaction without an id gets "line-N" (deterministic) rather than a
-                # random one: its verdict's transaction_id and message_id.
-                message_id=None if transaction.transaction_id else tid,
-                default_time=moment,
-                decided_at=moment,
-            )
-            count += 1
-            decision = verdict.decision
-            decisions[decision] += 1
-            body = verdict.body
-            if write is not None:
-                write(dumps(body, option=newline))
-            fraud = get_truth(tid)
-            if fraud is not None:
-                labelled += 1
-                if scored:
-                    scores.append((verdict.score, fraud))
-                heappush(pending, (when + label_delay, sequence, tid, fraud))
-                sequence += 1
-                if fraud:
-                    frauds += 1
-                    if decision != "allow":
-                        flagged += 1
-                    if decision == "block":
-                        blocked += 1
-            reasons = body["reasons"]
-            if reasons:
-                for reason in reasons:
-                    rule = reason["rule"]
-                    rule_hits[rule] += 1
-                    if fraud:
-                        rule_fraud_hits[rule] += 1
-            if progress is not None and count % 100_000 == 0:
-                progress(count)
-    finally:
-        outcome.transactions = count
-        outcome.labels_injected = injected
-        outcome.labelled = labelled
-        outcome.frauds = frauds
-        outcome.flagged_frauds = flagged
-        outcome.blocked_frauds = blocked
-        outcome.seconds = time.perf_counter() - started
-        outcome.cpu_seconds = time.process_time() - cpu_started
-        if was_enabled:
-            gc.enable()
-    outcome.invalid = stream.invalid
-    outcome.out_of_order = stream.out_of_order
-    outcome.untimed = stream.untimed
-    return outcome
+    replayer = Replayer(
+        detector, write, labels=labels, label_delay=label_delay, until=until, progress=progress
+    )
+    return replayer.decide(lines)
 
 
 def _ratio(part: int, whole: int) -> str:
@@ -358,7 +472,8 @@ def summary(outcome: Outcome) -> str:
 
     lines = [
         f"transactions: {outcome.transactions:,} in {outcome.seconds:.1f} s "
-        f"({outcome.rate:,.0f}/s; {outcome.cpu_rate:,.0f}/s of CPU time)",
+        f"({outcome.rate:,.0f}/s; {outcome.cpu_rate:,.0f}/s of CPU time"
+        + (f"; {outcome.workers} processes)" if outcome.workers > 1 else ")"),
         "decisions: "
         + ", ".join(f"{d} {outcome.decisions.get(d, 0):,}" for d in ("allow", "review", "block")),
     ]
@@ -431,10 +546,32 @@ def _open_input(path: Path) -> IO[bytes]:
 
 def run(args: argparse.Namespace) -> int:
     """`python -m detector replay`."""
+    from detector.parallel import replay_file, workers_for
+
     detector = build_offline_detector(args.rules, args.model)
     labels = read_labels(args.labels) if args.labels else None
     delay = parse_delay(args.label_delay)
     until = parse_time(args.until) if args.until else None
+    workers = workers_for(args.input, args.workers)
+    if workers > 1 and args.input.is_file():
+        if args.output is not None:
+            _open_output(args.output).close()
+        _open_input(args.input).close()
+        outcome, problems = replay_file(
+            detector,
+            args.input,
+            args.output,
+            workers,
+            labels=labels,
+            label_delay=delay,
+            until=until,
+        )
+        for problem in problems:
+            print(f"replay: not exact on {workers} processes: {problem}", file=sys.stderr)
+        if problems:
+            print("replay: replayed in one process instead", file=sys.stderr)
+        print(summary(outcome))
+        return 0
 
     def progress(count: int) -> None:
         print(f"replay: {count:,} transactions", file=sys.stderr, flush=True)
@@ -459,6 +596,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `replay` with the `python -m detector` parser."""
     parser = commands.add_parser(
@@ -477,4 +626,11 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--model", help="model artifact (default: the bundled model; 'none' for rules only)"
     )
     parser.add_argument("--until", help="stop at the first transaction at or after this time")
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        help="processes, each replaying an event-time shard of the file with the same verdicts "
+        "(default auto: one per core for files of 8 MB a core and more)",
+    )
     parser.set_defaults(run=run)

@@ -797,6 +797,15 @@ class MemoryStore:
             self._reads = dict(reads)
             self._plans.clear()
 
+    def track(self, needed: frozenset[str] | None) -> None:
+        """Keep the distinct-value indexes `needed` reads from now on (observe does it too).
+
+        So that transactions observed with fewer features needed (none, to only record them)
+        keep what later reads of `needed` use.
+        """
+        with self._lock:
+            self._track(needed)
+
     def _wanted(self, kind: str, needed: frozenset[str] | None) -> frozenset[str] | None:
         """`needed` narrowed to what is read of this kind (see `narrow`)."""
         if self._reads is None:

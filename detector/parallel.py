@@ -1,0 +1,470 @@
+"""Replay on several processes: the file cut into event-time shards, the same verdicts.
+
+Shard k decides the lines from byte L_k up to L_(k+1). Before its first line it warms a fresh
+store on the lines since W_k, the first line more recent than `horizon` seconds before the
+shard's first event time, exactly as one process would feed them (state and the labels that
+become known meanwhile) but deciding nothing. The horizon covers whatever can reach a verdict
+from the past: the store's retention plus its allowed lateness (older history is outside every
+window and `seconds_since_last`), and the label delay (an older transaction's label has been
+injected before the shard starts).
+
+That is exact when, for every shard after the first, checked after the run:
+
+- the latest event time before W_k is at least `horizon` older than the latest in the warm-up
+  (no line far ahead of its neighbours before W_k, no gap in the stream at the cut), and
+- no line the shard decides is more than the allowed lateness behind the latest before it
+  (such a line is scored against whatever the store still holds, which depends on when it
+  last forgot; one process or another may hold different leftovers).
+
+When a check fails, the whole file is replayed again in one process, and the summary says so.
+One case is not checked: a transaction_id reused, with another timestamp, more than the
+retention after its first use, which one process may or may not still remember.
+
+Each shard writes its verdicts to a part file next to the output; they are joined in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import IO, Any
+
+from detector.engine import Detector
+from detector.errors import MessageError
+from detector.replay import Outcome, Replayer, ReplayError, replay
+from detector.state import MemoryStore
+from detector.transaction import decode
+
+log = logging.getLogger(__name__)
+
+#: Below this many bytes per worker (about 60,000 transactions) one process is faster.
+MIN_SHARD_BYTES = 8 << 20
+
+#: A warmed-up line costs about this fraction of a decided one (state only, no model, rules or
+#: verdict), so later shards, which warm up, get fewer lines to decide.
+WARM_COST = 0.5
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Byte offsets (line starts) and 1-based line numbers of one shard's lines."""
+
+    index: int
+    warm_from: int
+    start: int
+    end: int
+    warm_line: int
+    start_line: int
+    #: Line starts inside [start, end) where later shards begin warming up: the shard
+    #: reports its latest event time there (see `Result.latest_at`).
+    cuts: tuple[int, ...] = ()
+    cut_lines: tuple[int, ...] = ()
+
+
+@dataclass
+class Result:
+    """What a shard sends back."""
+
+    outcome: Outcome
+    #: The latest event time of the lines read before each offset in `Shard.cuts` and before
+    #: `Shard.end` (warm-up included: all of them come before the offset).
+    latest_at: dict[int, float] = field(default_factory=dict)
+    #: The latest event time of the warm-up, and whether `until` stopped the shard.
+    warmed_to: float = float("-inf")
+    stopped: bool = False
+    part: Path | None = None
+
+
+def horizon(detector: Detector, label_delay: float) -> float:
+    """Seconds of history a shard needs before its first line (see the module docstring)."""
+    store = detector.store
+    if not isinstance(store, MemoryStore):
+        raise ReplayError("a parallel replay needs the memory store")
+    config = store.config
+    return max(config.keep + config.allowed_lateness, label_delay)
+
+
+def workers_for(path: Path, asked: int | None) -> int:
+    """How many processes to use: `asked`, or one per core and per `MIN_SHARD_BYTES`."""
+    if asked is not None:
+        return max(1, asked)
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+    except OSError:
+        size = 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, size // MIN_SHARD_BYTES))
+
+
+def _line_start(f: IO[bytes], offset: int) -> int:
+    """The first line start at or after `offset`."""
+    if offset <= 0:
+        return 0
+    f.seek(offset - 1)
+    f.readline()
+    return f.tell()
+
+
+def _time_at(f: IO[bytes], offset: int, end: int) -> float | None:
+    """Event time of the first valid, timed line starting in [offset, end), if any."""
+    f.seek(offset)
+    while f.tell() < end:
+        line = f.readline()
+        if not line:
+            return None
+        try:
+            _, transaction = decode(line)
+        except MessageError:
+            continue
+        if transaction.timestamp is not None:
+            return transaction.timestamp.timestamp()
+    return None
+
+
+def _time_before(f: IO[bytes], offset: int) -> float | None:
+    """Event time of the last valid, timed line ending before `offset` (a line start)."""
+    size = 64 << 10
+    while True:
+        start = max(0, offset - size)
+        f.seek(start)
+        lines = f.read(offset - start).split(b"\n")
+        if start > 0:
+            lines = lines[1:]  # begins before the block
+        for line in reversed(lines):
+            try:
+                _, transaction = decode(line)
+            except MessageError:
+                continue
+            if transaction.timestamp is not None:
+                return transaction.timestamp.timestamp()
+        if start == 0:
+            return None
+        size *= 4
+
+
+def _first_after(f: IO[bytes], end: int, cutoff: float) -> int:
+    """The first line start in [0, end] whose time is after `cutoff`: bisection, then a scan.
+
+    Assumes event-time order; where the file is not in order the result may be off, which
+    the checks after the run catch.
+    """
+    lo, hi = 0, end
+    while hi - lo > (64 << 10):
+        mid = _line_start(f, (lo + hi) // 2)
+        if mid >= hi:
+            break
+        when = _time_at(f, mid, hi)
+        if when is None or when > cutoff:
+            hi = mid
+        else:
+            lo = mid
+    f.seek(lo)
+    position = lo
+    while position < hi:
+        line = f.readline()
+        try:
+            _, transaction = decode(line)
+        except MessageError:
+            transaction = None
+        moment = transaction.timestamp if transaction is not None else None
+        if moment is not None and moment.timestamp() > cutoff:
+            return position
+        position += len(line)
+    return hi
+
+
+def _line_numbers(path: Path, offsets: set[int]) -> dict[int, int]:
+    """1-based number of the line starting at each offset (a line start)."""
+    numbers: dict[int, int] = {}
+    lines = 0
+    position = 0
+    with path.open("rb") as f:
+        for offset in sorted(offsets):
+            while position < offset:
+                chunk = f.read(min(1 << 20, offset - position))
+                if not chunk:
+                    break
+                lines += chunk.count(b"\n")
+                position += len(chunk)
+            numbers[offset] = lines + 1
+    return numbers
+
+
+def plan(path: Path, workers: int, history: float, until: float | None = None) -> list[Shard]:
+    """Cut the file into `workers` shards of about equal work, warm-up included.
+
+    With `until`, the work is the lines before the first at or after it; the last shard
+    still reads to the end of the file (and stops where one process would).
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        limit = size if until is None else _first_after(f, size, math.nextafter(until, -math.inf))
+        if workers <= 1 or limit == 0:
+            return [Shard(0, 0, 0, size, 1, 1)]
+
+        def warm_start(start: int) -> int:
+            # What a shard needs is measured from the latest event before its first line.
+            when = _time_before(f, start)
+            return start if when is None else _first_after(f, start, when - history)
+
+        # Each later shard also pays for its warm-up: estimate it at an even cut, then give
+        # the first shard (which has none) correspondingly more lines.
+        even = _line_start(f, limit // workers)
+        warm = (even - warm_start(even)) * WARM_COST
+        share = (limit + warm * (workers - 1)) / workers
+        starts = [0]
+        for k in range(1, workers):
+            start = _line_start(f, int(share * k - warm * (k - 1)))
+            if start > starts[-1] and start < limit:
+                starts.append(start)
+        warms = [0] + [warm_start(start) for start in starts[1:]]
+    ends = [*starts[1:], size]
+    numbers = _line_numbers(path, set(starts) | set(warms))
+    shards = []
+    for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        cuts = tuple(sorted({w for w in warms[k + 1 :] if start < w < end}))
+        shards.append(
+            Shard(
+                k,
+                warms[k],
+                start,
+                end,
+                numbers[warms[k]],
+                numbers[start],
+                cuts,
+                tuple(_line_numbers(path, set(cuts))[c] for c in cuts),
+            )
+        )
+    return shards
+
+
+def _between(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
+    """The lines starting in [start, end)."""
+    f.seek(start)
+    position = start
+    for line in f:
+        yield line
+        position += len(line)
+        if position >= end:
+            return
+
+
+def _run_shard(
+    detector: Detector,
+    path: Path,
+    shard: Shard,
+    part: Path | None,
+    labels: Mapping[str, bool] | None,
+    label_delay: float,
+    until: datetime | None,
+    lateness: float,
+    shards: int,
+) -> Result:
+    def progress(count: int) -> None:
+        print(
+            f"replay: shard {shard.index + 1}/{shards}: {count:,} transactions",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    out = part.open("wb") if part is not None else None
+    try:
+        replayer = Replayer(
+            detector,
+            out.write if out is not None else None,
+            labels=labels,
+            label_delay=label_delay,
+            until=until,
+            lateness=lateness,
+            progress=progress,
+        )
+        result = Result(replayer.outcome, part=part)
+        with path.open("rb") as f:
+            if shard.warm_from < shard.start:
+                replayer.warm(_between(f, shard.warm_from, shard.start), shard.warm_line)
+            result.warmed_to = replayer.stream.latest
+            bounds = [shard.start, *shard.cuts, shard.end]
+            numbers = [shard.start_line, *shard.cut_lines]
+            for (start, end), number in zip(pairwise(bounds), numbers, strict=True):
+                replayer.decide(_between(f, start, end), number)
+                result.latest_at[end] = replayer.stream.latest
+        result.stopped = replayer.stream.stopped
+        return result
+    finally:
+        if out is not None:
+            out.close()
+
+
+def _child(connection: Any, run: Callable[[], Result]) -> None:
+    try:
+        connection.send(("ok", run()))
+    except BaseException:
+        connection.send(("error", traceback.format_exc()))
+    finally:
+        connection.close()
+
+
+def exact(shards: list[Shard], results: list[Result], history: float) -> list[str]:
+    """The checks of the module docstring; what failed, if anything."""
+    problems = []
+    stopped = next((k for k, result in enumerate(results) if result.stopped), len(results) - 1)
+    for k in range(1, stopped + 1):
+        shard = shards[k]
+        # The latest event before the warm-up: each earlier shard read the lines before it
+        # that it decided (and its own warm-up, earlier still).
+        before = float("-inf")
+        for earlier, result in zip(shards[:k], results[:k], strict=True):
+            if earlier.end <= shard.warm_from:
+                before = max(before, result.latest_at[earlier.end])
+            elif earlier.start < shard.warm_from:
+                before = max(before, result.latest_at[shard.warm_from])
+        if before > results[k].warmed_to - history:
+            problems.append(
+                f"shard {k + 1}: a line before its warm-up is within {history:.0f} s of the "
+                "latest of the warm-up"
+            )
+        if results[k].outcome.behind:
+            problems.append(
+                f"shard {k + 1}: {results[k].outcome.behind} line(s) more than the allowed "
+                "lateness behind the stream"
+            )
+    return problems
+
+
+def merge(results: list[Result], output: IO[bytes] | None) -> Outcome:
+    """One outcome from the shards' in order, up to the first that `until` stopped."""
+    total = Outcome()
+    for result in results:
+        outcome = result.outcome
+        total.transactions += outcome.transactions
+        total.labels_injected += outcome.labels_injected
+        total.decisions.update(outcome.decisions)
+        total.cpu_seconds += outcome.cpu_seconds
+        total.invalid += outcome.invalid
+        total.out_of_order += outcome.out_of_order
+        total.untimed += outcome.untimed
+        total.behind += outcome.behind
+        total.labelled += outcome.labelled
+        total.frauds += outcome.frauds
+        total.flagged_frauds += outcome.flagged_frauds
+        total.blocked_frauds += outcome.blocked_frauds
+        total.rule_hits.update(outcome.rule_hits)
+        total.rule_fraud_hits.update(outcome.rule_fraud_hits)
+        total.scores.extend(outcome.scores)
+        if output is not None and result.part is not None:
+            with result.part.open("rb") as part:
+                while chunk := part.read(1 << 20):
+                    output.write(chunk)
+        if result.stopped:
+            break
+    return total
+
+
+def replay_file(
+    detector: Detector,
+    path: Path,
+    output: Path | None,
+    workers: int,
+    *,
+    labels: Mapping[str, bool] | None = None,
+    label_delay: float = 0.0,
+    until: datetime | None = None,
+) -> tuple[Outcome, list[str]]:
+    """Replay a file on `workers` processes (forked: each gets a copy of `detector`, whose
+    store must be fresh) with the verdicts of one process.
+
+    Returns the outcome and, when the checks failed and the file was replayed in one process
+    instead, what failed.
+    """
+    history = horizon(detector, label_delay)
+    assert isinstance(detector.store, MemoryStore)
+    lateness = detector.store.config.allowed_lateness
+    started = time.perf_counter()
+    shards = plan(path, workers, history, until.timestamp() if until is not None else None)
+    if len(shards) == 1:
+        return _sequential(detector, path, output, labels, label_delay, until), []
+    context = multiprocessing.get_context("fork")
+    children = []
+    for shard in shards:
+        part = output.with_name(f"{output.name}.part{shard.index}") if output else None
+        receiver, sender = context.Pipe(duplex=False)
+
+        def run(shard: Shard = shard, part: Path | None = part) -> Result:
+            return _run_shard(
+                detector, path, shard, part, labels, label_delay, until, lateness, len(shards)
+            )
+
+        process = context.Process(target=_child, args=(sender, run), daemon=True)
+        process.start()
+        sender.close()
+        children.append((process, receiver))
+    results: list[Result] = []
+    failure = None
+    for process, receiver in children:
+        try:
+            status, value = receiver.recv()
+        except EOFError:
+            status, value = "error", f"the process exited with code {process.exitcode}"
+        process.join()
+        if status == "ok":
+            results.append(value)
+        elif failure is None:
+            failure = value
+    try:
+        if failure is not None:
+            raise ReplayError(f"a replay shard failed:\n{failure}")
+        problems = exact(shards, results, history)
+        if problems:
+            log.warning("parallel replay is not exact here (%s): one process", "; ".join(problems))
+            return _sequential(detector, path, output, labels, label_delay, until), problems
+        out = output.open("wb") if output is not None else None
+        try:
+            outcome = merge(results, out)
+        finally:
+            if out is not None:
+                out.close()
+        outcome.seconds = time.perf_counter() - started
+        outcome.workers = len(shards)
+        return outcome, []
+    finally:
+        for result in results:
+            if result.part is not None:
+                result.part.unlink(missing_ok=True)
+
+
+def _sequential(
+    detector: Detector,
+    path: Path,
+    output: Path | None,
+    labels: Mapping[str, bool] | None,
+    label_delay: float,
+    until: datetime | None,
+) -> Outcome:
+    def progress(count: int) -> None:
+        print(f"replay: {count:,} transactions", file=sys.stderr, flush=True)
+
+    out = output.open("wb") if output is not None else None
+    try:
+        with path.open("rb") as lines:
+            return replay(
+                detector,
+                lines,
+                out.write if out is not None else None,
+                labels=labels,
+                label_delay=label_delay,
+                until=until,
+                progress=progress,
+            )
+    finally:
+        if out is not None:
+            out.close()
