@@ -83,6 +83,10 @@ class Result:
     warmed_to: float = float("-inf")
     stopped: bool = False
     part: Path | None = None
+    #: Lines warmed up on, and the seconds (wall) of the warm-up and of the whole shard.
+    warmed: int = 0
+    warm_seconds: float = 0.0
+    seconds: float = 0.0
 
 
 def horizon(detector: Detector, label_delay: float) -> float:
@@ -289,16 +293,27 @@ def _run_shard(
             progress=progress,
         )
         result = Result(replayer.outcome, part=part)
+        started = time.perf_counter()
         with path.open("rb") as f:
             if shard.warm_from < shard.start:
                 replayer.warm(_between(f, shard.warm_from, shard.start), shard.warm_line)
             result.warmed_to = replayer.stream.latest
+            result.warmed = replayer.stream.number - shard.warm_line + 1
+            result.warm_seconds = time.perf_counter() - started
             bounds = [shard.start, *shard.cuts, shard.end]
             numbers = [shard.start_line, *shard.cut_lines]
             for (start, end), number in zip(pairwise(bounds), numbers, strict=True):
                 replayer.decide(_between(f, start, end), number)
                 result.latest_at[end] = replayer.stream.latest
         result.stopped = replayer.stream.stopped
+        result.seconds = time.perf_counter() - started
+        print(
+            f"replay: shard {shard.index + 1}/{shards}: warmed up on {result.warmed:,} lines in "
+            f"{result.warm_seconds:.1f} s, decided {result.outcome.transactions:,} in "
+            f"{result.seconds - result.warm_seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return result
     finally:
         if out is not None:
