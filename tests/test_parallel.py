@@ -11,11 +11,13 @@ import pytest
 
 from detector.cli import main as cli
 from detector.engine import Detector, variable_schema
+from detector.errors import MessageError
 from detector.model import FORMAT, parse_model
 from detector.parallel import plan, replay_file
 from detector.replay import Outcome, read_labels, replay, summary
 from detector.rules import load_ruleset
 from detector.state import HOUR, MemoryStore, StateConfig, feature_names
+from detector.transaction import decode
 from publisher.simulate import SimulationConfig, records
 
 DAY = 86400.0
@@ -155,6 +157,31 @@ def sequential(folder: Path, lines: list[bytes], labels: dict[str, bool], **opti
 
 def without_timing(outcome: Outcome) -> str:
     return summary(outcome).split("\n", 1)[1]
+
+
+def test_recording_without_features_keeps_what_later_features_read(
+    stream: tuple[list[bytes], dict[str, bool]], tmp_path: Path
+) -> None:
+    """A warm-up records with `Detector.record` (no features computed): afterwards the store
+    gives every later transaction the features of a store that computed them all along."""
+    lines, _ = stream
+    rows = []
+    for line in lines:
+        try:
+            _, transaction = decode(line)
+        except MessageError:
+            continue
+        if transaction.timestamp is not None and transaction.transaction_id is not None:
+            rows.append((transaction, transaction.transaction_id, transaction.timestamp))
+    recorded, computed = detector(tmp_path), detector(tmp_path)
+    half = len(rows) // 2
+    for transaction, tid, moment in rows[:half]:
+        recorded.record(transaction, tid, moment)
+        computed.activation(transaction, tid, moment)
+    for transaction, tid, moment in rows[half:]:
+        assert recorded.activation(transaction, tid, moment) == computed.activation(
+            transaction, tid, moment
+        )
 
 
 @pytest.mark.parametrize("workers", [2, 3])
