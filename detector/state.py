@@ -34,6 +34,9 @@ Semantics shared by every store (the same test suite runs against each):
   included; ``retention >= longest window + allowed_lateness`` keeps every window exact for
   every transaction that is recorded. ``seconds_since_last`` looks back at most
   ``retention - allowed_lateness`` seconds (the longest window by default), so it is exact too.
+  The memory store treats a transaction_id recorded longer ago than the retention as unknown
+  whether or not its forgetting pass has run, so that what it decides depends on event time
+  alone.
 - Labels count by transaction time: ``fraud_count_W`` counts the earlier transactions in the
   window that were labelled fraudulent by the time of the call.
 
@@ -757,9 +760,9 @@ class MemoryStore:
         }
         # transaction_id -> (record, customer, card, terminal, merchant)
         self._txs: dict[str, _Known] = {}
-        # The same ids in the order they were recorded (roughly event time), to forget from
-        # the front without scanning the dict's deleted slots.
-        self._arrivals: deque[str] = deque()
+        # The same ids with their event times, in the order they were recorded (roughly event
+        # time), to forget from the front without scanning the dict's deleted slots.
+        self._arrivals: deque[tuple[float, str]] = deque()
         self._labels: dict[str, bool] = {}
         self._watermark = float("-inf")
         # Forgetting runs when the watermark has advanced this far since the last time.
@@ -861,9 +864,14 @@ class MemoryStore:
     def _observe(self, event: Event, needed: frozenset[str] | None) -> Features:
         ts = event.timestamp
         txid = event.transaction_id
-        if txid in self._txs:
-            log.info("transaction %s already recorded: scored, not counted again", txid)
-            return self._score_only(event, needed)
+        known = self._txs.get(txid)
+        if known is not None:
+            if known[0][_TS] > self._watermark - self._keep:
+                log.info("transaction %s already recorded: scored, not counted again", txid)
+                return self._score_only(event, needed)
+            # Recorded longer ago than the retention, not swept yet: forgotten all the same,
+            # label included; this transaction takes the id.
+            self._labels.pop(txid, None)
         if ts < self._watermark - self._lateness:
             log.warning(
                 "transaction %s is %.0f s behind the newest (allowed lateness %.0f s): "
@@ -905,7 +913,7 @@ class MemoryStore:
                 out = self._builder.build(kind, amount, raws, gap)
                 features[kind] = out if plan.keys is None else plan.select(out)
         self._txs[txid] = (tx, event.customer, event.card, event.terminal, event.merchant)
-        self._arrivals.append(txid)
+        self._arrivals.append((ts, txid))
         if ts > self._watermark:
             self._watermark = ts
             if ts >= self._next_sweep:
@@ -973,6 +981,18 @@ class MemoryStore:
         if gone or forgotten:
             log.debug("forgot %d entities and %d transactions", gone, forgotten)
 
+    def _remembered(self, transaction_id: str) -> _Known | None:
+        """The transaction recorded under this id, unless it is older than the retention.
+
+        What the sweep has not reached yet counts as forgotten too, so that redelivery and
+        labels depend on event time only, not on when a pass last ran (a replay shard, which
+        starts its passes elsewhere, decides exactly as one process does).
+        """
+        known = self._txs.get(transaction_id)
+        if known is not None and known[0][_TS] <= self._watermark - self._keep:
+            return None
+        return known
+
     def _forget_ids(self) -> bool:
         """Forget up to `SWEEP_SLICE` remembered ids older than the retention, oldest first.
 
@@ -982,13 +1002,12 @@ class MemoryStore:
         cutoff = self._watermark - self._keep
         arrivals, txs, labels = self._arrivals, self._txs, self._labels
         for _ in range(SWEEP_SLICE):
-            if not arrivals:
+            if not arrivals or arrivals[0][0] > cutoff:
                 return False
-            known = txs.get(arrivals[0])
-            if known is not None and known[0][_TS] > cutoff:
-                return False
-            txid = arrivals.popleft()
-            if known is not None:
+            ts, txid = arrivals.popleft()
+            known = txs.get(txid)
+            # An id recorded again after it expired has a newer record: that one stays.
+            if known is not None and known[0][_TS] == ts:
                 del txs[txid]
                 labels.pop(txid, None)
         return True
@@ -999,7 +1018,7 @@ class MemoryStore:
             return self._record_label(transaction_id, is_fraud)
 
     def _record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
-        known = self._txs.get(transaction_id)
+        known = self._remembered(transaction_id)
         old = self._labels.get(transaction_id)
         if known is None:
             outcome = LabelOutcome.UNKNOWN

@@ -512,6 +512,29 @@ def test_redis_store_matches_the_specification(
 # --- memory bounds, Redis specifics -------------------------------------------------------
 
 
+def test_an_id_older_than_the_retention_is_unknown_before_any_pass_forgets_it() -> None:
+    """Redelivery and labels go by event time, not by when forgetting last ran: an id
+    recorded more than the retention ago is recorded afresh (its old label gone), and the
+    old record's id queue entry does not drop the new record when the pass comes."""
+    config = StateConfig(windows=(100,), allowed_lateness=10)  # retention 110 s
+    store = MemoryStore(config)
+    store.observe(ev("x", 0.0, 5.0, customer="a"))
+    assert store.record_label("x", True) is LabelOutcome.APPLIED
+    for step in range(5):  # the first forgetting pass (started at 0) runs to its end
+        store.observe(ev(f"v{step}", 30.0 + step, 1.0, customer="c"))
+    store.observe(ev("y", 111.0, 1.0, customer="b"))  # watermark 111: x is past the retention
+    assert "x" in store._txs  # the pass started at 111 has not reached the ids yet
+    assert store.record_label("x", False) is LabelOutcome.UNKNOWN
+    again = store.observe(ev("x", 105.0, 7.0, customer="b"))  # recorded, not a redelivery
+    assert again["customer"]["count_100s"] == 0.0
+    later = store.observe(ev("z", 112.0, 1.0, customer="b"))
+    assert later["customer"]["count_100s"] == 2.0  # y and the new x
+    assert later["customer"]["fraud_count_100s"] == 0.0  # the old label went with the old x
+    for step in range(300):  # passes run: the stale queue entry of x goes, the new x stays
+        store.observe(ev(f"w{step}", 113.0 + step / 10, 1.0, customer="c"))
+    assert store.record_label("x", True) is LabelOutcome.APPLIED
+
+
 def test_memory_store_forgets_beyond_retention() -> None:
     """A long stream over many entities keeps only about a retention's worth of state."""
     config = StateConfig(windows=(100,), allowed_lateness=10)
