@@ -9,7 +9,7 @@
  *   add_start[i] .. add_start[i + 1] - 1, in that order.
  *
  * Forest.walk(values, k) -> (credits, top)
- *   `values` is a tuple of floats (or ints), one per input. Walks every tree: at a split,
+ *   `values` is a tuple of numbers, one per input, each taken as float() takes it. Walks every tree: at a split,
  *   left when `value <= threshold` (so NaN goes right), then adds the leaf's credits.
  *   `credits` is the tuple of each input's summed credit; `top` the indexes of the `k`
  *   largest credits by absolute value, largest first, the lower index first among equals
@@ -18,6 +18,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <math.h>
 
 typedef struct {
@@ -65,7 +66,9 @@ int_array(PyObject *seq, const char *name, Py_ssize_t *size)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
-        if (v == -1 && PyErr_Occurred()) {
+        if ((v == -1 && PyErr_Occurred()) || v < INT_MIN || v > INT_MAX) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_OverflowError, "Forest: %s holds %ld, out of range", name, v);
             PyMem_Free(out);
             Py_DECREF(fast);
             return NULL;
@@ -207,10 +210,16 @@ Forest_walk(Forest *self, PyObject *args)
     PyObject *result = NULL, *credits = NULL, *order = NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyTuple_GET_ITEM(values, i);
-        double v = PyFloat_CheckExact(item) ? PyFloat_AS_DOUBLE(item) : PyFloat_AsDouble(item);
-        if (v == -1.0 && PyErr_Occurred())
-            goto done;
-        x[i] = v;
+        if (!PyFloat_CheckExact(item)) {
+            /* As float(item) does: the generated Python converts every value the same way. */
+            PyObject *number = PyNumber_Float(item);
+            if (number == NULL)
+                goto done;
+            x[i] = PyFloat_AS_DOUBLE(number);
+            Py_DECREF(number);
+        }
+        else
+            x[i] = PyFloat_AS_DOUBLE(item);
         c[i] = 0.0;
     }
     const int *feature = self->feature, *left = self->left, *right = self->right;

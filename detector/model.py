@@ -172,7 +172,7 @@ class TreeModel:
             odds = math.exp(raw)
             probability = odds / (1.0 + odds)
         names = self.features
-        return probability, [Factor(names[i], float(values[i]), credit[i]) for i in top]
+        return probability, [Factor(names[i], values[i], credit[i]) for i in top]
 
     def _top(self, credit: tuple[float, ...]) -> list[int]:
         """Indexes of the `TOP_FACTORS` largest credits by size, largest first, zeros left out.
@@ -199,12 +199,13 @@ class TreeModel:
         count = len(self.features)
         for i, name in enumerate(self.features):
             # Stores and the engine hold numbers (never None) under present keys, so one
-            # dict lookup with a default is the whole substitution `vector` spells out.
+            # dict lookup with a default and float() are the whole substitution `vector`
+            # spells out (float: an int is compared as training saw it, in both walks).
             if "." in name:
                 entity, feature = name.split(".", 1)
-                lines.append(f"    f{i} = {local[entity]}.get({feature!r}, {missing})")
+                lines.append(f"    f{i} = float({local[entity]}.get({feature!r}, {missing}))")
             else:
-                lines.append(f"    f{i} = a.get({name!r}, {missing})")
+                lines.append(f"    f{i} = float(a.get({name!r}, {missing}))")
             if forest is None:
                 lines.append(f"    c{i} = 0.0")
         values = ", ".join(f"f{i}" for i in range(count))
@@ -220,7 +221,7 @@ class TreeModel:
             lines.append(f"    c, t = forest(v, {TOP_FACTORS})")
             lines.append("    return v, c, t")
         self.source = "\n".join(lines) + "\n"
-        namespace: dict[str, Any] = {"__builtins__": {}, "E": {}, "top": self._top}
+        namespace: dict[str, Any] = {"__builtins__": {}, "E": {}, "top": self._top, "float": float}
         if forest is not None:
             namespace["forest"] = forest.walk
         exec(compile(self.source, f"<model {self.version}>", "exec"), namespace)

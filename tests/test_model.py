@@ -199,6 +199,32 @@ def test_the_c_walk_gives_the_bits_of_the_python_walk_on_the_bundled_model(
     assert repr(fast.raw_score(activation)) == repr(slow.raw_score(activation))
 
 
+@native
+@pytest.mark.parametrize("weekday", [2**53 + 1, True, "3"])
+def test_both_walks_take_an_input_as_float_does(weekday: object) -> None:
+    """Both walks compare float(value), as training's `vector` does: an int past 2**53 is
+    rounded, a bool is 0 or 1, a numeric string is parsed."""
+    doc = {
+        "format": FORMAT,
+        "version": "edge",
+        "features": ["weekday"],
+        "trees": [
+            {
+                "feature": [0, -1, -1],
+                "threshold": [float(2**53) if isinstance(weekday, int) else 2.5, 0.0, 0.0],
+                "left": [1, -1, -1],
+                "right": [2, -1, -1],
+                "value": [0.0, -1.0, 1.0],
+            }
+        ],
+    }
+    fast = parse_model(orjson.dumps(doc))
+    expected = 1.0 if weekday == "3" else -1.0  # float("3") > 2.5; float(2**53 + 1) == 2**53
+    assert fast.raw_score({"weekday": weekday}) == expected
+    assert pure(fast).raw_score({"weekday": weekday}) == expected
+    assert repr(fast.score({"weekday": weekday})) == repr(pure(fast).score({"weekday": weekday}))
+
+
 @st.composite
 def forests(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A random artifact (any shape, ties between credits likely) and inputs for it."""
