@@ -17,10 +17,11 @@ That is exact when, for every shard after the first, checked after the run:
   last forgot; one process or another may hold different leftovers).
 
 When a check fails, the whole file is replayed again in one process, and the summary says so.
-One case is not checked: a transaction_id reused, with another timestamp, more than the
-retention after its first use, which one process may or may not still remember.
+(What the store remembers of a transaction_id also goes by event time alone: see
+`MemoryStore` on retention.)
 
-Each shard writes its verdicts to a part file next to the output; they are joined in order.
+Each shard writes its verdicts to a part file in a scratch directory (next to the output
+when it is a plain file); they are joined in order.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -233,23 +235,24 @@ def plan(path: Path, workers: int, history: float, until: float | None = None) -
                 starts.append(start)
         warms = [0] + [warm_start(start) for start in starts[1:]]
     ends = [*starts[1:], size]
+    cuts = [
+        tuple(sorted({w for w in warms[k + 1 :] if start < w < end}))
+        for k, (start, end) in enumerate(zip(starts, ends, strict=True))
+    ]
     numbers = _line_numbers(path, set(starts) | set(warms))
-    shards = []
-    for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
-        cuts = tuple(sorted({w for w in warms[k + 1 :] if start < w < end}))
-        shards.append(
-            Shard(
-                k,
-                warms[k],
-                start,
-                end,
-                numbers[warms[k]],
-                numbers[start],
-                cuts,
-                tuple(_line_numbers(path, set(cuts))[c] for c in cuts),
-            )
+    return [
+        Shard(
+            k,
+            warms[k],
+            start,
+            end,
+            numbers[warms[k]],
+            numbers[start],
+            cuts[k],
+            tuple(numbers[c] for c in cuts[k]),
         )
-    return shards
+        for k, (start, end) in enumerate(zip(starts, ends, strict=True))
+    ]
 
 
 def _between(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
@@ -368,7 +371,6 @@ def merge(results: list[Result], output: IO[bytes] | None) -> Outcome:
         total.invalid += outcome.invalid
         total.out_of_order += outcome.out_of_order
         total.untimed += outcome.untimed
-        total.behind += outcome.behind
         total.labelled += outcome.labelled
         total.frauds += outcome.frauds
         total.flagged_frauds += outcome.flagged_frauds
@@ -408,36 +410,14 @@ def replay_file(
     shards = plan(path, workers, history, until.timestamp() if until is not None else None)
     if len(shards) == 1:
         return _sequential(detector, path, output, labels, label_delay, until), []
-    context = multiprocessing.get_context("fork")
-    children = []
-    for shard in shards:
-        part = output.with_name(f"{output.name}.part{shard.index}") if output else None
-        receiver, sender = context.Pipe(duplex=False)
-
-        def run(shard: Shard = shard, part: Path | None = part) -> Result:
-            return _run_shard(
-                detector, path, shard, part, labels, label_delay, until, lateness, len(shards)
-            )
-
-        process = context.Process(target=_child, args=(sender, run), daemon=True)
-        process.start()
-        sender.close()
-        children.append((process, receiver))
-    results: list[Result] = []
-    failure = None
-    for process, receiver in children:
-        try:
-            status, value = receiver.recv()
-        except EOFError:
-            status, value = "error", f"the process exited with code {process.exitcode}"
-        process.join()
-        if status == "ok":
-            results.append(value)
-        elif failure is None:
-            failure = value
-    try:
-        if failure is not None:
-            raise ReplayError(f"a replay shard failed:\n{failure}")
+    # Part files in a scratch directory next to the output when that is a plain file there
+    # (the parts are copied into it at the end), else in the system's temporary directory.
+    beside = output is not None and (output.is_file() or not output.exists())
+    with tempfile.TemporaryDirectory(
+        prefix="replay-", dir=output.parent if beside and output is not None else None
+    ) as scratch:
+        parts = [Path(scratch) / f"part{s.index}" if output else None for s in shards]
+        results = _fork(shards, parts, detector, path, labels, label_delay, until, lateness)
         problems = exact(shards, results, history)
         if problems:
             log.warning("parallel replay is not exact here (%s): one process", "; ".join(problems))
@@ -448,13 +428,58 @@ def replay_file(
         finally:
             if out is not None:
                 out.close()
-        outcome.seconds = time.perf_counter() - started
-        outcome.workers = len(shards)
-        return outcome, []
+    outcome.seconds = time.perf_counter() - started
+    outcome.workers = len(shards)
+    return outcome, []
+
+
+def _fork(
+    shards: list[Shard],
+    parts: list[Path | None],
+    detector: Detector,
+    path: Path,
+    labels: Mapping[str, bool] | None,
+    label_delay: float,
+    until: datetime | None,
+    lateness: float,
+) -> list[Result]:
+    """Run each shard in a forked process; their results in order.
+
+    Raises:
+        ReplayError: a shard failed (the others are stopped).
+    """
+    context = multiprocessing.get_context("fork")
+    children = []
+    try:
+        for shard, part in zip(shards, parts, strict=True):
+            receiver, sender = context.Pipe(duplex=False)
+
+            def run(shard: Shard = shard, part: Path | None = part) -> Result:
+                return _run_shard(
+                    detector, path, shard, part, labels, label_delay, until, lateness, len(shards)
+                )
+
+            process = context.Process(target=_child, args=(sender, run), daemon=True)
+            process.start()
+            sender.close()
+            children.append((process, receiver))
+        results: list[Result] = []
+        for process, receiver in children:
+            try:
+                status, value = receiver.recv()
+            except EOFError:
+                status, value = "error", f"the process exited with code {process.exitcode}"
+            process.join()
+            if status != "ok":
+                raise ReplayError(f"a replay shard failed:\n{value}")
+            results.append(value)
+        return results
     finally:
-        for result in results:
-            if result.part is not None:
-                result.part.unlink(missing_ok=True)
+        for process, receiver in children:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+            receiver.close()
 
 
 def _sequential(

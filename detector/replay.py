@@ -308,6 +308,7 @@ class Replayer:
         stream = self.stream
         stream.lines, stream.number = lines, first - 1
         counts = (stream.invalid, stream.out_of_order, stream.untimed, stream.behind)
+        examples = list(stream.examples)
         store = self.detector.store
         record_label = store.record_label if store is not None else None
         record = self.detector.record
@@ -325,6 +326,7 @@ class Replayer:
                     heappush(pending, (when + delay, self.sequence, tid, fraud))
                     self.sequence += 1
         stream.invalid, stream.out_of_order, stream.untimed, stream.behind = counts
+        stream.examples[:] = examples
 
     def decide(self, lines: Iterable[bytes], first: int = 1) -> Outcome:
         """Decide on lines `first`, `first + 1`, ...; returns the outcome so far."""

@@ -14,7 +14,7 @@ from detector.engine import Detector, variable_schema
 from detector.errors import MessageError
 from detector.model import FORMAT, parse_model
 from detector.parallel import plan, replay_file
-from detector.replay import Outcome, read_labels, replay, summary
+from detector.replay import Outcome, ReplayError, read_labels, replay, summary
 from detector.rules import load_ruleset
 from detector.state import HOUR, MemoryStore, StateConfig, feature_names
 from detector.transaction import decode
@@ -265,6 +265,28 @@ def test_a_line_far_ahead_before_a_warm_up_falls_back_to_one_process(
     _, problems = replay_file(detector(tmp_path), path, output, workers, labels=labels)
     assert problems and "before its warm-up" in problems[0]
     assert output.read_bytes() == expected
+
+
+class Exploding(dict[str, bool]):
+    """Labels whose lookup fails for one transaction: a shard that crashes."""
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        if key == "t000001000":
+            raise RuntimeError("boom")
+        return super().get(key, default)
+
+
+def test_a_failing_shard_fails_the_replay_and_leaves_no_part_files(
+    stream: tuple[list[bytes], dict[str, bool]], tmp_path: Path
+) -> None:
+    lines, labels = stream
+    path = tmp_path / "tx.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    output = tmp_path / "out" / "verdicts.jsonl"
+    output.parent.mkdir()
+    with pytest.raises(ReplayError, match=r"(?s)a replay shard failed:.*RuntimeError: boom"):
+        replay_file(detector(tmp_path), path, output, 3, labels=Exploding(labels))
+    assert list(output.parent.iterdir()) == []
 
 
 def test_cli_replays_on_the_processes_asked_for(
