@@ -121,6 +121,16 @@ def _line_start(f: IO[bytes], offset: int) -> int:
     return f.tell()
 
 
+def _event_time(line: bytes) -> float | None:
+    """Event time of a line (epoch seconds), None for an invalid or untimed one."""
+    try:
+        _, transaction = decode(line)
+    except MessageError:
+        return None
+    moment = transaction.timestamp
+    return None if moment is None else moment.timestamp()
+
+
 def _time_at(f: IO[bytes], offset: int, end: int) -> float | None:
     """Event time of the first valid, timed line starting in [offset, end), if any."""
     f.seek(offset)
@@ -128,12 +138,9 @@ def _time_at(f: IO[bytes], offset: int, end: int) -> float | None:
         line = f.readline()
         if not line:
             return None
-        try:
-            _, transaction = decode(line)
-        except MessageError:
-            continue
-        if transaction.timestamp is not None:
-            return transaction.timestamp.timestamp()
+        when = _event_time(line)
+        if when is not None:
+            return when
     return None
 
 
@@ -147,12 +154,9 @@ def _time_before(f: IO[bytes], offset: int) -> float | None:
         if start > 0:
             lines = lines[1:]  # begins before the block
         for line in reversed(lines):
-            try:
-                _, transaction = decode(line)
-            except MessageError:
-                continue
-            if transaction.timestamp is not None:
-                return transaction.timestamp.timestamp()
+            when = _event_time(line)
+            if when is not None:
+                return when
         if start == 0:
             return None
         size *= 4
@@ -178,12 +182,8 @@ def _first_after(f: IO[bytes], end: int, cutoff: float) -> int:
     position = lo
     while position < hi:
         line = f.readline()
-        try:
-            _, transaction = decode(line)
-        except MessageError:
-            transaction = None
-        moment = transaction.timestamp if transaction is not None else None
-        if moment is not None and moment.timestamp() > cutoff:
+        when = _event_time(line)
+        if when is not None and when > cutoff:
             return position
         position += len(line)
     return hi

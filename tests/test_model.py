@@ -144,6 +144,19 @@ def _edges(doc: dict[str, Any]) -> list[list[float]]:
     return [sorted(v, key=lambda x: (math.isnan(x), x)) for v in values]
 
 
+def place(activation: dict[str, Any], name: str, value: object) -> None:
+    """Set a model input in an activation: `amount`, or `by_card.count_1h` in its entity."""
+    entity, _, feature = name.rpartition(".")
+    if entity:
+        activation.setdefault(entity, {})[feature] = value
+    else:
+        activation[name] = value
+
+
+def edges_or_floats(edges: list[float]) -> st.SearchStrategy[float]:
+    return st.sampled_from(edges) | st.floats(allow_nan=True)
+
+
 BUNDLED = orjson.loads(default_model_path().read_bytes())
 BUNDLED_EDGES = _edges(BUNDLED)
 bundled_model = functools.cache(lambda: load_model(default_model_path()))
@@ -158,12 +171,7 @@ def test_bundled_model_goes_the_way_of_the_node_arrays_at_every_threshold(
     as comparing the values, for every tree of the bundled model."""
     activation: dict[str, Any] = {}
     for name, edges in zip(BUNDLED["features"], BUNDLED_EDGES, strict=True):
-        value = data.draw(st.sampled_from(edges) | st.floats(allow_nan=True), label=name)
-        if "." in name:
-            entity, feature = name.split(".", 1)
-            activation.setdefault(entity, {})[feature] = value
-        else:
-            activation[name] = value
+        place(activation, name, data.draw(edges_or_floats(edges), label=name))
     got = bundled_model().raw_score(activation)
     assert got == pytest.approx(reference_raw(BUNDLED, activation), rel=1e-9, abs=1e-9)
 
@@ -187,12 +195,7 @@ def test_the_c_walk_gives_the_bits_of_the_python_walk_on_the_bundled_model(
     activation: dict[str, Any] = {"weekday": data.draw(st.integers(1, 7), label="weekday")}
     for name, edges in zip(BUNDLED["features"], BUNDLED_EDGES, strict=True):
         if data.draw(st.booleans(), label=f"{name} present"):
-            value = data.draw(st.sampled_from(edges) | st.floats(allow_nan=True), label=name)
-            if "." in name:
-                entity, feature = name.split(".", 1)
-                activation.setdefault(entity, {})[feature] = value
-            else:
-                activation[name] = value
+            place(activation, name, data.draw(edges_or_floats(edges), label=name))
     fast, slow = bundled_model(), pure(bundled_model())
     assert fast.native and not slow.native
     assert repr(fast.score(activation)) == repr(slow.score(activation))
@@ -267,11 +270,7 @@ def forests(draw: st.DrawFn) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         for name in names:
             if draw(st.booleans()):
                 value = draw(st.integers(-3, 3)) if name == "weekday" else draw(inputs)
-                entity, _, feature_name = name.rpartition(".")
-                if entity:
-                    activation.setdefault(entity, {})[feature_name] = value
-                else:
-                    activation[name] = value
+                place(activation, name, value)
         activations.append(activation)
     return doc, activations
 

@@ -155,6 +155,13 @@ def sequential(folder: Path, lines: list[bytes], labels: dict[str, bool], **opti
     return b"".join(out), outcome
 
 
+def written(folder: Path, lines: list[bytes]) -> Path:
+    """The lines as a JSON-lines file."""
+    path = folder / "tx.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
 def without_timing(outcome: Outcome) -> str:
     return summary(outcome).split("\n", 1)[1]
 
@@ -189,8 +196,7 @@ def test_shards_give_the_verdicts_and_summary_of_one_process(
     stream: tuple[list[bytes], dict[str, bool]], tmp_path: Path, workers: int
 ) -> None:
     lines, labels = stream
-    path = tmp_path / "tx.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    path = written(tmp_path, lines)
     expected, alone = sequential(tmp_path, lines, labels, label_delay=DAY / 2)
 
     shards = plan(path, workers, DAY + 2 * LATENESS)
@@ -208,15 +214,18 @@ def test_shards_give_the_verdicts_and_summary_of_one_process(
     assert outcome.out_of_order == alone.out_of_order > 0
     assert outcome.untimed == alone.untimed > 0
     assert outcome.invalid == alone.invalid > 0
-    assert not list(tmp_path.glob("verdicts.jsonl.part*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rules.yaml",
+        "tx.jsonl",
+        "verdicts.jsonl",
+    ]
 
 
 def test_a_stop_time_inside_a_shard_stops_where_one_process_stops(
     stream: tuple[list[bytes], dict[str, bool]], tmp_path: Path
 ) -> None:
     lines, labels = stream
-    path = tmp_path / "tx.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    path = written(tmp_path, lines)
     until = dt.datetime(2018, 7, 6, 13, tzinfo=dt.UTC)  # inside the second of three shards
     expected, alone = sequential(tmp_path, lines, labels, label_delay=DAY, until=until)
     output = tmp_path / "verdicts.jsonl"
@@ -237,8 +246,7 @@ def test_a_line_far_behind_in_a_later_shard_falls_back_to_one_process(
     late = orjson.loads(lines[100])
     late["transaction_id"] = "very-late"
     lines = [*lines[:-50], orjson.dumps(late), *lines[-50:]]
-    path = tmp_path / "tx.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    path = written(tmp_path, lines)
     expected, alone = sequential(tmp_path, lines, labels)
     output = tmp_path / "verdicts.jsonl"
     outcome, problems = replay_file(detector(tmp_path), path, output, 2, labels=labels)
@@ -258,8 +266,7 @@ def test_a_line_far_ahead_before_a_warm_up_falls_back_to_one_process(
     ahead["transaction_id"] = "from-the-future"
     ahead["timestamp"] = "2018-07-11T00:00:00Z"
     lines = [*lines[:200], orjson.dumps(ahead), *lines[200:]]
-    path = tmp_path / "tx.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    path = written(tmp_path, lines)
     expected, _ = sequential(tmp_path, lines, labels)
     output = tmp_path / "verdicts.jsonl"
     _, problems = replay_file(detector(tmp_path), path, output, workers, labels=labels)
@@ -280,8 +287,7 @@ def test_a_failing_shard_fails_the_replay_and_leaves_no_part_files(
     stream: tuple[list[bytes], dict[str, bool]], tmp_path: Path
 ) -> None:
     lines, labels = stream
-    path = tmp_path / "tx.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    path = written(tmp_path, lines)
     output = tmp_path / "out" / "verdicts.jsonl"
     output.parent.mkdir()
     with pytest.raises(ReplayError, match=r"(?s)a replay shard failed:.*RuntimeError: boom"):
