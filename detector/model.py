@@ -29,8 +29,9 @@ each feature once into a local and walks every tree as nested ``if`` statements;
 its precomputed per-feature path credits. The generated code contains only numbers and
 ``repr`` of feature names checked against a pattern. Where the optional C extension
 `detector._forest` is built (``make native``; not in a Cloud Functions upload), the walk runs
-there instead: the same comparisons and additions in the same order, so the same bits, about
-ten times faster (BENCHMARKS.md). `TreeModel.native` says which one runs.
+there instead: the same comparisons and additions in the same order, so the same bits; the
+walk about six times and the whole score about three times as fast (BENCHMARKS.md, "Risk
+model"). `TreeModel.native` says which one runs.
 
 Errors (raised at load, never per transaction)::
 
