@@ -300,8 +300,29 @@ class Replayer:
         self.progress = progress
         self.outcome = Outcome()
         self.stream = Stream((), until.timestamp() if until is not None else None, lateness)
+        # Labels not yet known: (known at, sequence, transaction_id, is_fraud), a heap.
         self.pending: list[tuple[float, int, str, bool]] = []
         self.sequence = 0
+        store = detector.store
+        self._record_label = store.record_label if store is not None else None
+
+    def _inject(self, when: float) -> int:
+        """Record in the store the labels known by event time `when`; how many there were."""
+        pending, record_label = self.pending, self._record_label
+        count = 0
+        while pending and pending[0][0] <= when:
+            _, _, label_id, label_fraud = heapq.heappop(pending)
+            if record_label is not None:
+                record_label(label_id, label_fraud)
+            count += 1
+        return count
+
+    def _expect(self, when: float, transaction_id: str, fraud: bool) -> None:
+        """The label of a transaction at `when` becomes known `label_delay` later."""
+        heapq.heappush(
+            self.pending, (when + self.label_delay, self.sequence, transaction_id, fraud)
+        )
+        self.sequence += 1
 
     def warm(self, lines: Iterable[bytes], first: int = 1) -> None:
         """Record lines `first`, `first + 1`, ... in the state store, deciding nothing."""
@@ -309,22 +330,21 @@ class Replayer:
         stream.lines, stream.number = lines, first - 1
         counts = (stream.invalid, stream.out_of_order, stream.untimed, stream.behind)
         examples = list(stream.examples)
-        store = self.detector.store
-        record_label = store.record_label if store is not None else None
         record = self.detector.record
-        pending, get_truth, delay = self.pending, self.truth.get, self.label_delay
-        heappush, heappop = heapq.heappush, heapq.heappop
+        pending, inject, expect, get_truth = (
+            self.pending,
+            self._inject,
+            self._expect,
+            self.truth.get,
+        )
         with _collector_paused():
             for when, tid, _, transaction, moment in stream.rows():
-                while pending and pending[0][0] <= when:
-                    _, _, label_id, label_fraud = heappop(pending)
-                    if record_label is not None:
-                        record_label(label_id, label_fraud)
+                if pending and pending[0][0] <= when:
+                    inject(when)
                 record(transaction, tid, moment)
                 fraud = get_truth(tid)
                 if fraud is not None:
-                    heappush(pending, (when + delay, self.sequence, tid, fraud))
-                    self.sequence += 1
+                    expect(when, tid, fraud)
         stream.invalid, stream.out_of_order, stream.untimed, stream.behind = counts
         stream.examples[:] = examples
 
@@ -334,19 +354,17 @@ class Replayer:
         stream = self.stream
         stream.lines, stream.number = lines, first - 1
         detector = self.detector
-        store = detector.store
         decide = detector.decide
-        truth = self.truth
-        label_delay = self.label_delay
         progress = self.progress
-        scored = detector.model is not None and bool(truth)
-        # `merge_labels` inlined on plain tuples: the generator, `Timed`/`Decoded` objects and
-        # isinstance checks per line cost about as much as the rules.
-        pending = self.pending
-        sequence = self.sequence
-        heappush, heappop = heapq.heappush, heapq.heappop
-        record_label = store.record_label if store is not None else None
-        get_truth = truth.get
+        scored = detector.model is not None and bool(self.truth)
+        # `merge_labels` on plain tuples, its heap checked inline: the generator, `Timed`/
+        # `Decoded` objects and isinstance checks per line cost about as much as the rules.
+        pending, inject, expect, get_truth = (
+            self.pending,
+            self._inject,
+            self._expect,
+            self.truth.get,
+        )
         write = self.write
         decisions = outcome.decisions
         rule_hits = outcome.rule_hits
@@ -362,11 +380,8 @@ class Replayer:
         try:
             with _collector_paused():
                 for when, tid, raw, transaction, moment in stream.rows():
-                    while pending and pending[0][0] <= when:
-                        _, _, label_id, label_fraud = heappop(pending)
-                        if record_label is not None:
-                            record_label(label_id, label_fraud)
-                        injected += 1
+                    if pending and pending[0][0] <= when:
+                        injected += inject(when)
                     verdict = decide(
                         raw,
                         transaction,
@@ -387,8 +402,7 @@ class Replayer:
                         labelled += 1
                         if scored:
                             scores.append((verdict.score, fraud))
-                        heappush(pending, (when + label_delay, sequence, tid, fraud))
-                        sequence += 1
+                        expect(when, tid, fraud)
                         if fraud:
                             frauds += 1
                             if decision != "allow":
@@ -405,7 +419,6 @@ class Replayer:
                     if progress is not None and count % 100_000 == 0:
                         progress(count)
         finally:
-            self.sequence = sequence
             outcome.transactions = count
             outcome.labels_injected = injected
             outcome.labelled = labelled
