@@ -43,7 +43,7 @@ from typing import IO, Any
 
 from detector.engine import Detector
 from detector.errors import MessageError
-from detector.replay import Outcome, Replayer, ReplayError, replay
+from detector.replay import Outcome, Replayer, ReplayError, replay_path
 from detector.state import MemoryStore
 from detector.transaction import decode
 
@@ -411,7 +411,7 @@ def replay_file(
     started = time.perf_counter()
     shards = plan(path, workers, history, until.timestamp() if until is not None else None)
     if len(shards) == 1:
-        return _sequential(detector, path, output, labels, label_delay, until), []
+        return replay_path(detector, path, output, labels, label_delay, until), []
     # Part files in a scratch directory next to the output when that is a plain file there
     # (the parts are copied into it at the end), else in the system's temporary directory.
     beside = output is not None and (output.is_file() or not output.exists())
@@ -423,7 +423,7 @@ def replay_file(
         problems = exact(shards, results, history)
         if problems:
             log.warning("parallel replay is not exact here (%s): one process", "; ".join(problems))
-            return _sequential(detector, path, output, labels, label_delay, until), problems
+            return replay_path(detector, path, output, labels, label_delay, until), problems
         out = output.open("wb") if output is not None else None
         try:
             outcome = merge(results, out)
@@ -482,31 +482,3 @@ def _fork(
                 process.terminate()
                 process.join()
             receiver.close()
-
-
-def _sequential(
-    detector: Detector,
-    path: Path,
-    output: Path | None,
-    labels: Mapping[str, bool] | None,
-    label_delay: float,
-    until: datetime | None,
-) -> Outcome:
-    def progress(count: int) -> None:
-        print(f"replay: {count:,} transactions", file=sys.stderr, flush=True)
-
-    out = output.open("wb") if output is not None else None
-    try:
-        with path.open("rb") as lines:
-            return replay(
-                detector,
-                lines,
-                out.write if out is not None else None,
-                labels=labels,
-                label_delay=label_delay,
-                until=until,
-                progress=progress,
-            )
-    finally:
-        if out is not None:
-            out.close()

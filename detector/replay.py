@@ -588,27 +588,42 @@ def run(args: argparse.Namespace) -> int:
         print(summary(outcome))
         return 0
 
+    print(summary(replay_path(detector, args.input, args.output, labels, delay, until)))
+    return 0
+
+
+def replay_path(
+    detector: Detector,
+    path: Path,
+    output: Path | None,
+    labels: Mapping[str, bool] | None,
+    label_delay: float,
+    until: datetime | None,
+) -> Outcome:
+    """`replay` in this process over a file, verdicts to `output` (if any), progress on stderr.
+
+    Raises:
+        ReplayError: the input cannot be read or the output written.
+    """
+
     def progress(count: int) -> None:
         print(f"replay: {count:,} transactions", file=sys.stderr, flush=True)
 
-    with _open_input(args.input) as lines:
-        if args.output is None:
-            outcome = replay(
-                detector, lines, labels=labels, label_delay=delay, until=until, progress=progress
+    with _open_input(path) as lines:
+        out = _open_output(output) if output is not None else None
+        try:
+            return replay(
+                detector,
+                lines,
+                out.write if out is not None else None,
+                labels=labels,
+                label_delay=label_delay,
+                until=until,
+                progress=progress,
             )
-        else:
-            with _open_output(args.output) as out:
-                outcome = replay(
-                    detector,
-                    lines,
-                    out.write,
-                    labels=labels,
-                    label_delay=delay,
-                    until=until,
-                    progress=progress,
-                )
-    print(summary(outcome))
-    return 0
+        finally:
+            if out is not None:
+                out.close()
 
 
 def _workers(text: str) -> int | None:
