@@ -1,7 +1,8 @@
 """Builds the optional C extension (`make native`); everything else is plain Python.
 
-`detector._forest` walks the tree model in C. Without it `detector.model` walks in generated
-Python with the same results, as a Cloud Functions upload does.
+`detector._forest` walks the tree model in C; `detector._history` holds the memory store's
+entity histories in C arrays. Without them `detector.model` and `detector.state` do the same
+in Python with the same results, as a Cloud Functions upload does.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,12 @@ setup(
             # Plain IEEE double arithmetic, as in Python: no fused multiply-add.
             extra_compile_args=["-O2", "-ffp-contract=off"],
             optional=True,
-        )
+        ),
+        Extension(
+            "detector._history",
+            ["detector/_history.c"],
+            extra_compile_args=["-O2", "-ffp-contract=off"],
+            optional=True,
+        ),
     ]
 )

@@ -58,9 +58,14 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from detector.errors import ConfigError, DetectorError, TransientError
+
+try:  # the C histories (`make native`); without them, the same in Python
+    from detector import _history
+except ImportError:  # pragma: no cover - exercised where the extension is not built
+    _history = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,9 @@ MICROS = 1_000_000
 
 #: Entities (or remembered transaction ids) the memory store's forgetting visits per call.
 SWEEP_SLICE = 512
+
+#: The largest amount in micros that C histories sum (64-bit integers).
+_MICROS_MAX = 2**63 - 1
 
 Features = dict[str, dict[str, float]]
 
@@ -510,21 +518,45 @@ class _History:
             start = index + 1
             frauds[start:] = [count + delta for count in frauds[start:]]
 
+    def insert(self, index: int, tx: _Record) -> None:
+        """Put a record at list index `index`; `rebuild` must follow."""
+        self.ts.insert(index, tx[_TS])
+        self.txs.insert(index, tx)
+
+    def records(self) -> list[_Record]:
+        """The records held, in order."""
+        return list(self.txs)
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    @property
+    def oldest(self) -> float:
+        """Event time of the oldest record (IndexError when empty)."""
+        return self.ts[0]
+
+    @property
+    def newest(self) -> float:
+        """Event time of the newest record (IndexError when empty)."""
+        return self.ts[-1]
+
 
 _NA = object()  # placeholder for an absent amount ratio in generated code
 
 
-def _compile_features(
-    kind: str, windows: Sequence[int], needed: frozenset[str] | None, tracked: Sequence[str]
-) -> Callable[[_History, _Record, float, float, int], dict[str, float]]:
-    """Generate the fast path of one kind for one `needed` set: features, then record.
+#: The variables of one window in generated code and in `_history.Plan`'s keys, in order;
+#: a distinct count per tracked attribute follows them ("d0", "d1", ...).
+_VARIABLES = ("c", "s", "m", "x", "r", "f", "fs")
 
-    `step(history, tx, lookback, keep, longest_window)` is for a transaction that comes after
-    everything in the history, whose `attrs` are the `tracked` attributes (a superset of the
-    distinct counts wanted). The generated code unrolls the windows
-    (largest first, stopping at the first empty one: smaller ones are empty too) and builds
-    dict displays with constant keys. Its arithmetic is that of `FeatureBuilder.build`; the
-    property tests compare the two exactly.
+
+def _layout(
+    kind: str, windows: Sequence[int], needed: frozenset[str] | None, tracked: Sequence[str]
+) -> tuple[list[int], list[dict[str, str]], bool]:
+    """What the fast path of one kind computes for one `needed` set.
+
+    Returns the windows longest first; for each, the features wanted of it by variable
+    (`_VARIABLES`, then "d<n>" for the n-th tracked attribute), in that order; and whether
+    seconds_since_last is wanted.
     """
     names = feature_names(windows, kind)
     wanted = names if needed is None else names & needed
@@ -537,21 +569,50 @@ def _compile_features(
     }
     assert not missing, f"distinct counts of untracked attributes: {sorted(missing)}"
     order = sorted(windows, reverse=True)
-
-    def keys_of(window: int) -> dict[str, str]:
+    layout = []
+    for window in order:
         s = window_name(window)
-        keys = {
-            "c": f"count_{s}",
-            "s": f"sum_{s}",
-            "m": f"mean_{s}",
-            "x": f"max_{s}",
-            "r": f"amount_ratio_{s}",
-            "f": f"fraud_count_{s}",
-            "fs": f"fraud_share_{s}",
-        }
+        bases = ("count", "sum", "mean", "max", "amount_ratio", "fraud_count", "fraud_share")
+        keys = {var: f"{base}_{s}" for var, base in zip(_VARIABLES, bases, strict=True)}
         for n, attr in enumerate(attrs):
             keys[f"d{n}"] = f"{_DISTINCT_FEATURE[attr]}_{s}"
-        return {var: key for var, key in keys.items() if key in wanted}
+        layout.append({var: key for var, key in keys.items() if key in wanted})
+    return order, layout, "seconds_since_last" in wanted
+
+
+#: `step(history, tx, lookback, keep, longest)` of one kind (see `_compile_features`).
+_Step = Callable[[Any, _Record, float, float, int], "dict[str, float] | None"]
+
+
+def _native_plan(
+    kind: str, windows: Sequence[int], needed: frozenset[str] | None, tracked: Sequence[str]
+) -> _Step:
+    """The step of `_compile_features` in C (`detector._history.Plan.step`)."""
+    assert _history is not None
+    order, layout, gap = _layout(kind, windows, needed, tracked)
+    variables = [*_VARIABLES, *(f"d{n}" for n in range(len(tracked)))]
+    keys = tuple(tuple(keys.get(var) for var in variables) for keys in layout)
+    return _history.Plan(tuple(order), keys, "seconds_since_last" if gap else None).step
+
+
+def _compile_features(
+    kind: str, windows: Sequence[int], needed: frozenset[str] | None, tracked: Sequence[str]
+) -> _Step:
+    """Generate the fast path of one kind for one `needed` set: features, then record.
+
+    `step(history, tx, lookback, keep, longest_window)` computes the features of a
+    transaction that comes after everything in the history, whose `attrs` are the `tracked`
+    attributes (a superset of the distinct counts wanted), then records it; it returns None,
+    changing nothing, for one that does not come after. The generated code unrolls the windows
+    (largest first, stopping at the first empty one: smaller ones are empty too) and builds
+    dict displays with constant keys. Its arithmetic is that of `FeatureBuilder.build`; the
+    property tests compare the two exactly.
+    """
+    order, layout, gap_wanted = _layout(kind, windows, needed, tracked)
+    attrs = tuple(tracked)
+
+    def keys_of(window: int) -> dict[str, str]:
+        return layout[order.index(window)]
 
     def values(k: int) -> list[str]:
         """Dict display items of window k as computed."""
@@ -583,7 +644,7 @@ def _compile_features(
             ratio = keys_of(order[k]).get("r")
             if ratio:
                 lines.append(f"{indent}if r{k} is not _NA: out[{ratio!r}] = r{k}")
-        if "seconds_since_last" in wanted:
+        if gap_wanted:
             lines.append(f"{indent}if gap is not None: out['seconds_since_last'] = gap")
         return lines
 
@@ -639,6 +700,8 @@ def _compile_features(
         "    txs = h.txs",
         "    sa = sums[-1]",
         "    fa = frauds[-1]",
+        "    if n and (ts < times[-1] or (ts == times[-1] and tx[1] <= txs[-1][1])):",
+        "        return None  # not after everything held: the caller inserts it",
         "    if not n:",
         "        gap = None",
         *finish(0, "        "),
@@ -700,8 +763,9 @@ def _compile_features(
 class _Plan:
     """How the memory fast path computes one entity kind's features for a `needed` set.
 
-    `step(history, tx, lookback, keep, longest)` is generated (see `_compile_features`);
-    `keys` are the features to return, or None for all (used to trim the slow path's output).
+    `step(history, tx, lookback, keep, longest)` is generated (see `_compile_features`), or
+    its C twin for C histories (`native`); `keys` are the features to return, or None for
+    all (used to trim the slow path's output).
     """
 
     __slots__ = ("keys", "step")
@@ -712,10 +776,12 @@ class _Plan:
         windows: Sequence[int],
         needed: frozenset[str] | None,
         tracked: Sequence[str],
+        native: bool = False,
     ) -> None:
         names = feature_names(windows, kind)
         self.keys = None if needed is None else tuple(sorted(names & needed))
-        self.step = _compile_features(kind, windows, needed, tracked)
+        compile_step = _native_plan if native else _compile_features
+        self.step = compile_step(kind, windows, needed, tracked)
 
     def select(self, features: dict[str, float]) -> dict[str, float]:
         """Only the needed features."""
@@ -739,11 +805,17 @@ class MemoryStore:
     """State in this process's memory: the embedded default (one process, tests, replay).
 
     Calls are serialized by a lock (functions-framework serves requests from several threads).
+
+    Entity histories are C arrays (`detector._history`) where the extension is built and
+    `native` is not False, else Python lists (as in a Cloud Functions upload); the results
+    are the same. `native` says which. An amount beyond 9.2 trillion (its micros past 64 bits)
+    moves the store back to Python for good.
     """
 
-    def __init__(self, config: StateConfig | None = None) -> None:
+    def __init__(self, config: StateConfig | None = None, *, native: bool = True) -> None:
         self.config = config or StateConfig()
         self._windows = self.config.windows
+        self.native = native and _history is not None and len(self._windows) <= _history.MAX_WINDOWS
         self._keep = self.config.keep
         self._lateness = self.config.allowed_lateness
         self._lookback = self._keep - self._lateness
@@ -826,7 +898,13 @@ class MemoryStore:
         if plans is None:
             self._track(needed)
             plans = {
-                kind: _Plan(kind, self._windows, self._wanted(kind, needed), self._tracked[kind])
+                kind: _Plan(
+                    kind,
+                    self._windows,
+                    self._wanted(kind, needed),
+                    self._tracked[kind],
+                    self.native,
+                )
                 for kind in _DISTINCT
             }
             if len(self._plans) < 64:
@@ -854,7 +932,22 @@ class MemoryStore:
             self._plans.clear()
 
     def _new_history(self, kind: str) -> _History:
-        return _History(tuple(_ATTR_INDEX[attr] for attr in self._tracked[kind]))
+        attrs = tuple(_ATTR_INDEX[attr] for attr in self._tracked[kind])
+        return _history.History(attrs) if self.native else _History(attrs)  # type: ignore[return-value]
+
+    def _to_python(self) -> None:
+        """Move every history to Python lists, for good (amounts the C arrays cannot sum)."""
+        log.warning("an amount beyond 64-bit micros: the memory store continues in Python")
+        for histories in self._entities.values():
+            for ident, native in histories.items():
+                history = _History(native.attrs)
+                history.base = native.base
+                history.txs = native.records()
+                history.ts = [tx[_TS] for tx in history.txs]
+                history.rebuild(self._labels)
+                histories[ident] = history
+        self.native = False
+        self._plans.clear()
 
     def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
         """See `StateStore.observe`."""
@@ -882,15 +975,10 @@ class MemoryStore:
             )
             return self._score_only(event, needed)
         amount = event.amount
-        tx: _Record = (
-            ts,
-            txid,
-            amount,
-            round(amount * MICROS),
-            event.terminal,
-            event.merchant,
-            event.country,
-        )
+        micro = round(amount * MICROS)
+        if micro > _MICROS_MAX and self.native:
+            self._to_python()
+        tx: _Record = (ts, txid, amount, micro, event.terminal, event.merchant, event.country)
         plans = self._plans.get(needed) or self._plan(needed)
         features: Features = {}
         for kind, ident, entities in (
@@ -904,14 +992,14 @@ class MemoryStore:
             history = entities.get(ident)
             if history is None:
                 history = entities[ident] = self._new_history(kind)
-            times = history.ts
             plan = plans[kind]
-            if not times or ts > times[-1] or (ts == times[-1] and txid > history.txs[-1][_TXID]):
-                features[kind] = plan.step(history, tx, self._lookback, self._keep, self._longest)
-            else:
+            out = plan.step(history, tx, self._lookback, self._keep, self._longest)
+            if out is None:  # not after everything the entity holds
                 raws, gap = self._insert(history, tx)
                 out = self._builder.build(kind, amount, raws, gap)
-                features[kind] = out if plan.keys is None else plan.select(out)
+                if plan.keys is not None:
+                    out = plan.select(out)
+            features[kind] = out
         self._txs[txid] = (tx, event.customer, event.card, event.terminal, event.merchant)
         self._arrivals.append((ts, txid))
         if ts > self._watermark:
@@ -930,8 +1018,7 @@ class MemoryStore:
         index = h.position(tx[_TS], tx[_TXID])
         raws = h.scan(index, tx[_TS], tx[_TXID], self._windows, self._labels)
         gap = h.gap(index, tx[_TS], tx[_TXID], self._lookback)
-        h.ts.insert(index, tx[_TS])
-        h.txs.insert(index, tx)
+        h.insert(index, tx)
         h.rebuild(self._labels)
         return raws, gap
 
@@ -965,10 +1052,10 @@ class MemoryStore:
                     h = histories.get(key)
                     if h is None:
                         continue
-                    if h.ts[-1] <= cutoff:
+                    if h.newest <= cutoff:
                         del histories[key]
                         gone += 1
-                    elif h.ts[0] <= cutoff:
+                    elif h.oldest <= cutoff:
                         h.trim(cutoff)
                 yield
         while True:

@@ -40,15 +40,33 @@ SMALL = StateConfig(windows=(10, 100), allowed_lateness=20)
 Factory = Callable[[StateConfig], StateStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
+#: The memory store's implementations: entity histories in C arrays, and in Python lists.
+NATIVE = [
+    pytest.param(
+        True,
+        id="c",
+        marks=pytest.mark.skipif(state._history is None, reason="make native: not built"),
+    ),
+    pytest.param(False, id="python"),
+]
+
+
+def test_the_c_histories_are_used_where_built() -> None:
+    assert MemoryStore().native is (state._history is not None)
+    assert not MemoryStore(native=False).native
+
+
+@pytest.fixture(params=["memory-c", "memory-python", "redis"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Factory]:
     """Builds stores of one kind; Redis stores get a fresh key prefix each."""
     opened: list[StateStore] = []
+    if request.param == "memory-c" and state._history is None:
+        pytest.skip("make native: the C histories are not built")
 
     def factory(config: StateConfig = SMALL) -> StateStore:
         store: StateStore
-        if request.param == "memory":
-            store = MemoryStore(config)
+        if request.param.startswith("memory"):
+            store = MemoryStore(config, native=request.param == "memory-c")
         else:
             url = request.getfixturevalue("redis_url")
             store = RedisStore(config, url, prefix=unique("test") + ":")
@@ -460,23 +478,28 @@ def run_against_oracle(
                 assert got == expected, step
 
 
+@pytest.mark.parametrize("native", NATIVE)
 @settings(max_examples=200, deadline=None)
 @given(steps=streams(), needed=_needed)
 def test_memory_store_matches_the_specification(
-    steps: list[tuple[str, object]], needed: frozenset[str] | None
+    native: bool, steps: list[tuple[str, object]], needed: frozenset[str] | None
 ) -> None:
     """Random streams with jitter, ties, redeliveries and labels: memory store == model."""
-    run_against_oracle(MemoryStore(PROPERTY_CONFIG), steps, needed)
+    run_against_oracle(MemoryStore(PROPERTY_CONFIG, native=native), steps, needed)
 
 
+@pytest.mark.parametrize("native", NATIVE)
 @settings(max_examples=200, deadline=None)
 @given(steps=streams(), asks=st.lists(_needed, min_size=2, max_size=4), data=st.data())
 def test_memory_store_stays_exact_when_callers_ask_for_new_features(
-    steps: list[tuple[str, object]], asks: list[frozenset[str] | None], data: st.DataObject
+    native: bool,
+    steps: list[tuple[str, object]],
+    asks: list[frozenset[str] | None],
+    data: st.DataObject,
 ) -> None:
     """Each observe asks for one of several feature sets, so the store starts keeping
     distinct-value indexes mid-stream (rebuilt from the entities' histories): still exact."""
-    store, oracle = MemoryStore(PROPERTY_CONFIG), Oracle(PROPERTY_CONFIG)
+    store, oracle = MemoryStore(PROPERTY_CONFIG, native=native), Oracle(PROPERTY_CONFIG)
     for kind, step in steps:
         if kind == "label":
             txid, is_fraud = step  # type: ignore[misc]
@@ -491,6 +514,57 @@ def test_memory_store_stays_exact_when_callers_ask_for_new_features(
                 entity: {k: v for k, v in values.items() if needed is None or k in needed}
                 for entity, values in expected.items()
             }, (step, needed)
+
+
+def _as_items(features: dict[str, dict[str, float]]) -> list[tuple[str, list[tuple]]]:
+    """Features with their order and types, which equality of dicts does not compare."""
+    return [
+        (kind, [(name, type(value), value) for name, value in values.items()])
+        for kind, values in features.items()
+    ]
+
+
+@pytest.mark.skipif(state._history is None, reason="make native: not built")
+@settings(max_examples=200, deadline=None)
+@given(steps=streams(), needed=_needed)
+def test_c_and_python_histories_give_the_same_features_in_the_same_order(
+    steps: list[tuple[str, object]], needed: frozenset[str] | None
+) -> None:
+    """Verdicts echo features (explanations, model inputs): the two must agree to the bit,
+    key order and types included, and on label outcomes."""
+    stores = [MemoryStore(PROPERTY_CONFIG, native=native) for native in (True, False)]
+    for kind, step in steps:
+        if kind == "label":
+            txid, is_fraud = step  # type: ignore[misc]
+            assert len({store.record_label(txid, is_fraud) for store in stores}) == 1
+        else:
+            assert isinstance(step, Event)
+            c, python = (_as_items(store.observe(step, needed)) for store in stores)
+            assert c == python, step
+
+
+def test_an_amount_beyond_64_bit_micros_moves_the_store_to_python() -> None:
+    """Amounts are valid up to the largest float, but the C arrays sum 64-bit micros: the
+    store carries its histories over to Python lists and goes on, exactly."""
+    stores = [MemoryStore(SMALL, native=native) for native in (True, False)]
+    stream = [
+        ev("a", 1.0, 10.0, terminal="t1"),
+        ev("b", 2.0, 20.0, terminal="t2"),
+        ev("c", 3.0, 1e13, terminal="t1"),  # 1e19 micros > 2**63 - 1
+        ev("d", 2.5, 5.0, terminal="t1"),  # out of order: the slow path, in Python
+        ev("e", 4.0, 1e13, terminal="t2"),
+    ]
+    for index, event in enumerate(stream):
+        if index == 1:
+            for store in stores:
+                assert store.record_label("a", True) is LabelOutcome.APPLIED
+        got = [_as_items(store.observe(event)) for store in stores]
+        assert got[0] == got[1], event
+    assert not stores[0].native
+    final = stores[0].observe(ev("f", 5.0, 1.0, terminal="t1"))
+    assert final["customer"]["count_100s"] == 5.0
+    assert final["customer"]["sum_100s"] == 2e13 + 35.0
+    assert final["customer"]["fraud_count_100s"] == 1.0
 
 
 @pytest.mark.integration
