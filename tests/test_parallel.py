@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from detector.cli import main as cli
 from detector.engine import Detector, variable_schema
 from detector.errors import MessageError
 from detector.model import FORMAT, parse_model
+from detector import parallel
 from detector.parallel import plan, replay_file
 from detector.replay import Outcome, ReplayError, read_labels, replay, summary
 from detector.rules import load_ruleset
@@ -324,3 +326,28 @@ def test_cli_rejects_a_bad_worker_count(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         cli(["replay", "--input", str(tmp_path / "x"), "--workers", "0"])
     assert "expected a positive integer or 'auto', got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kernel", ["works", "refuses", "fails midway"])
+def test_parts_are_appended_whole_whether_or_not_the_kernel_copies(
+    kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = os.copy_file_range
+
+    def flaky(source: int, target: int, count: int) -> int:
+        if kernel == "refuses":
+            raise OSError(18, "Invalid cross-device link")
+        copy(source, target, 5)  # part of it, then a failure
+        raise OSError(5, "Input/output error")
+
+    if kernel != "works":
+        monkeypatch.setattr(os, "copy_file_range", flaky)
+    part = tmp_path / "part"
+    part.write_bytes(b"second part\n" * 1000)
+    output = tmp_path / "out"
+    output.write_bytes(b"first\n")
+    with output.open("r+b") as out:
+        out.seek(0, os.SEEK_END)
+        parallel._append(part, out)
+        out.write(b"last\n")
+    assert output.read_bytes() == b"first\n" + b"second part\n" * 1000 + b"last\n"
