@@ -128,16 +128,24 @@ def entity_reads(names: set[str] | frozenset[str]) -> dict[str, frozenset[str] |
     return reads
 
 
+_new = tuple.__new__
+
+
 def _event(transaction: Transaction, transaction_id: str, moment: datetime) -> Event:
-    return Event(
-        transaction_id=transaction_id,
-        timestamp=moment.timestamp(),
-        amount=transaction.amount,
-        customer=transaction.customer_id,
-        card=transaction.card_id,
-        terminal=transaction.terminal_id,
-        merchant=transaction.merchant,
-        country=transaction.country,
+    # The fields in `Event` order, built as a tuple: a third of the keyword constructor's cost
+    # (1.3 us of about 80 per transaction in replay).
+    return _new(
+        Event,
+        (
+            transaction_id,
+            moment.timestamp(),
+            transaction.amount,
+            transaction.customer_id,
+            transaction.card_id,
+            transaction.terminal_id,
+            transaction.merchant,
+            transaction.country,
+        ),
     )
 
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import heapq
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detector.app import build_service
 from detector.cli import main as cli
 from detector.replay import (
     KnownLabel,
+    Replayer,
     ReplayError,
     Timed,
     build_offline_detector,
@@ -250,3 +256,42 @@ def test_replay_output_is_deterministic_without_ids() -> None:
     second = orjson.loads(runs[0][1])
     assert second["transaction_id"] == "line-2"
     assert second["decided_at"] == "2018-07-01T00:00:00Z"
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.labels: list[tuple[str, bool]] = []
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> None:
+        self.labels.append((transaction_id, is_fraud))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.integers(-30, 10), st.booleans()), max_size=60),
+    delay=st.sampled_from([0.0, 5.0, 20.0]),
+)
+def test_labels_are_injected_in_the_order_they_become_known(
+    steps: list[tuple[int, bool]], delay: float
+) -> None:
+    """Labels become known at event time + delay, ties in arrival order, whatever the order of
+    the lines (out-of-order ones take the heap beside the queue): as one heap would give."""
+    store = _Recorder()
+    detector: Any = SimpleNamespace(store=store)
+    replayer = Replayer(detector, label_delay=delay)
+    heap: list[tuple[float, int, str, bool]] = []
+    expected: list[tuple[str, bool]] = []
+    clock = 0.0
+    for n, (step, fraud) in enumerate(steps):
+        when = clock + step  # a negative step: a line behind the latest
+        clock = max(clock, when)
+        replayer._inject(when)
+        while heap and heap[0][0] <= when:
+            _, _, tid, label = heapq.heappop(heap)
+            expected.append((tid, label))
+        assert store.labels == expected
+        replayer._expect(when, f"t{n}", fraud)
+        heapq.heappush(heap, (when + delay, n, f"t{n}", fraud))
+    replayer._inject(float("inf"))
+    expected += [(tid, label) for _, _, tid, label in sorted(heap)]
+    assert store.labels == expected
