@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from detector import state
 from stack.services import ROOT
 
 
@@ -32,10 +33,18 @@ def test_bench_state_quick_runs_and_reports(redis_url: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    memory = re.search(r"^memory: 8000 events, observe ([0-9.]+) us/event", result.stdout, re.M)
+    memory = re.findall(
+        r"^memory, (C histories|Python lists): 8000 events, observe ([0-9.]+) us/event",
+        result.stdout,
+        re.M,
+    )
     redis = re.search(r"^redis: 2000 events, observe ([0-9.]+) us/event", result.stdout, re.M)
     assert memory and redis, result.stdout
-    assert float(memory.group(1)) > 0
+    assert memory[-1][0] == "Python lists"
+    assert all(float(cost) > 0 for _, cost in memory)
+    if state._history is not None:
+        assert [name for name, _ in memory] == ["C histories", "Python lists"]
+        assert "as fast as Python lists" in result.stdout
     assert "peak RSS" in result.stdout
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from detector import parallel
 from detector.cli import main as cli
 from detector.engine import Detector, variable_schema
 from detector.errors import MessageError
 from detector.model import FORMAT, parse_model
-from detector import parallel
 from detector.parallel import plan, replay_file
 from detector.replay import Outcome, ReplayError, read_labels, replay, summary
 from detector.rules import load_ruleset
