@@ -28,6 +28,7 @@ part becomes the output (renamed) and the others are appended to it in the kerne
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import multiprocessing
@@ -330,6 +331,10 @@ def _run_shard(
 
 
 def _child(connection: Any, run: Callable[[], Result]) -> None:
+    # No cyclic garbage collection in a shard, which ends with the replay: each time the replay
+    # loop let it run again (after the warm-up and at each cut) it walked millions of live
+    # objects once, a second or so each time.
+    gc.disable()
     try:
         connection.send(("ok", run()))
     except BaseException:
