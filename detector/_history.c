@@ -118,44 +118,24 @@ room(long long **items, Py_ssize_t n, Py_ssize_t *cap)
     return 0;
 }
 
-static Py_ssize_t
-bisect_right_d(const double *a, Py_ssize_t lo, Py_ssize_t hi, double x)
-{
-    while (lo < hi) {
-        Py_ssize_t mid = lo + (hi - lo) / 2;
-        if (x < a[mid])
-            hi = mid;
-        else
-            lo = mid + 1;
+/* Python's bisect on sorted C arrays: the first index in [lo, hi) whose item is >= x (left)
+ * or > x (right); `after` says whether x goes after a[mid]. */
+#define BISECT(name, type, after)                                                             \
+    static Py_ssize_t name(const type *a, Py_ssize_t lo, Py_ssize_t hi, type x)              \
+    {                                                                                         \
+        while (lo < hi) {                                                                     \
+            Py_ssize_t mid = lo + (hi - lo) / 2;                                              \
+            if (after)                                                                        \
+                lo = mid + 1;                                                                 \
+            else                                                                              \
+                hi = mid;                                                                     \
+        }                                                                                     \
+        return lo;                                                                            \
     }
-    return lo;
-}
 
-static Py_ssize_t
-bisect_left_d(const double *a, Py_ssize_t lo, Py_ssize_t hi, double x)
-{
-    while (lo < hi) {
-        Py_ssize_t mid = lo + (hi - lo) / 2;
-        if (a[mid] < x)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-static Py_ssize_t
-bisect_left_ll(const long long *a, Py_ssize_t lo, Py_ssize_t hi, long long x)
-{
-    while (lo < hi) {
-        Py_ssize_t mid = lo + (hi - lo) / 2;
-        if (a[mid] < x)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
+BISECT(bisect_right_d, double, !(x < a[mid]))
+BISECT(bisect_left_d, double, a[mid] < x)
+BISECT(bisect_left_ll, long long, a[mid] < x)
 
 /* --- records ----------------------------------------------------------------------------- */
 
