@@ -11,8 +11,11 @@
  *   Methods position, scan, gap, insert, rebuild, trim, add_fraud, records and the properties
  *   attrs, base, oldest and newest behave as `_History`'s (the store's property tests run
  *   against both). A record is the store's tuple (ts, transaction_id, amount, micros,
- *   terminal, merchant, country); its micros must fit in 64 bits (OverflowError otherwise,
- *   before anything changes: the store then goes back to Python).
+ *   terminal, merchant, country); its event time must be finite and its micros must fit in
+ *   64 bits (ValueError, OverflowError otherwise, before anything changes: the store goes
+ *   back to Python for such amounts). Everything a call could fail on is checked before it
+ *   changes anything; should one still fail midway (out of memory), the history empties
+ *   itself rather than keep indexes that disagree with its records.
  *
  * Plan(windows, keys, gap_key)
  *   One entity kind's features for one set of wanted names: `windows` longest first, and for
@@ -28,6 +31,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <string.h>
 
 #define MAX_ATTRS 3
@@ -150,6 +154,10 @@ parse_record(PyObject *tx, double *ts, double *amount, long long *micros)
     *ts = PyFloat_AsDouble(PyTuple_GET_ITEM(tx, R_TS));
     if (*ts == -1.0 && PyErr_Occurred())
         return -1;
+    if (!isfinite(*ts)) {
+        PyErr_SetString(PyExc_ValueError, "History: an event time must be finite");
+        return -1;
+    }
     *amount = PyFloat_AsDouble(PyTuple_GET_ITEM(tx, R_AMOUNT));
     if (*amount == -1.0 && PyErr_Occurred())
         return -1;
@@ -168,6 +176,18 @@ static inline PyObject *
 txid_of(History *h, Py_ssize_t i)
 {
     return PyTuple_GET_ITEM(h->txs[i], R_TXID);
+}
+
+/* -1 with an exception set when a tracked attribute of the record cannot key a dict. */
+static int
+check_attrs(const int *attr, int n_attrs, PyObject *tx)
+{
+    for (int a = 0; a < n_attrs; a++) {
+        PyObject *value = PyTuple_GET_ITEM(tx, attr[a]);
+        if (value != Py_None && PyObject_Hash(value) == -1)
+            return -1;
+    }
+    return 0;
 }
 
 /* An exact integer as a Python int. */
@@ -258,6 +278,27 @@ set_attrs(History *h, PyObject *attrs)
     }
     h->n_attrs = (int)count;
     return 0;
+}
+
+/* Forget every record and index: a consistent empty history, after a failure midway (only
+ * running out of memory gets there). The exception stays set. */
+static void
+reset(History *h)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    for (Py_ssize_t i = 0; i < h->n; i++)
+        Py_DECREF(h->txs[i]);
+    h->base += h->n;
+    h->n = 0;
+    h->sums[0] = 0;
+    h->frauds[0] = 0;
+    h->n_peaks = 0;
+    for (int a = 0; a < h->n_attrs; a++) {
+        PyDict_Clear(h->last[a]);
+        h->n_lasts[a] = 0;
+    }
+    PyErr_Restore(type, value, traceback);
 }
 
 static PyObject *
@@ -461,7 +502,8 @@ History_insert(History *h, PyObject *args)
     long long micros;
     if (!PyArg_ParseTuple(args, "nO:insert", &index, &tx))
         return NULL;
-    if (parse_record(tx, &ts, &amount, &micros) < 0 || reserve(h, h->n + 1) < 0)
+    if (parse_record(tx, &ts, &amount, &micros) < 0 ||
+        check_attrs(h->attr, h->n_attrs, tx) < 0 || reserve(h, h->n + 1) < 0)
         return NULL;
     if (index < 0)
         index = 0;
@@ -486,10 +528,19 @@ compare_ll(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Recompute every index from the records (after an out-of-order insert). */
+/* Recompute every index from the records (after an out-of-order insert or a change of the
+ * tracked attributes). */
 static int
 rebuild(History *h, PyObject *labels)
 {
+    for (Py_ssize_t i = 0; i < h->n; i++) {
+        double ts, amount;
+        long long micros;
+        if (parse_record(h->txs[i], &ts, &amount, &micros) < 0 ||
+            check_attrs(h->attr, h->n_attrs, h->txs[i]) < 0 ||
+            labelled_fraud(labels, txid_of(h, i)) < 0)
+            return -1;
+    }
     long long base = h->base;
     h->sums[0] = 0;
     h->frauds[0] = 0;
@@ -503,16 +554,16 @@ rebuild(History *h, PyObject *labels)
         double ts, amount;
         long long micros;
         if (parse_record(tx, &ts, &amount, &micros) < 0)
-            return -1;
+            goto fail;
         h->sums[i + 1] = h->sums[i] + micros;
         int is_fraud = labelled_fraud(labels, PyTuple_GET_ITEM(tx, R_TXID));
         if (is_fraud < 0)
-            return -1;
+            goto fail;
         h->frauds[i + 1] = h->frauds[i] + is_fraud;
         while (h->n_peaks && h->amount[h->peaks[h->n_peaks - 1] - base] <= amount)
             h->n_peaks--;
         if (room(&h->peaks, h->n_peaks, &h->cap_peaks) < 0)
-            return -1;
+            goto fail;
         h->peaks[h->n_peaks++] = i + base;
         for (int a = 0; a < h->n_attrs; a++) {
             PyObject *value = PyTuple_GET_ITEM(tx, h->attr[a]);
@@ -520,11 +571,11 @@ rebuild(History *h, PyObject *labels)
                 continue;
             PyObject *at = PyLong_FromLongLong(i + base);
             if (at == NULL)
-                return -1;
+                goto fail;
             int failed = PyDict_SetItem(h->last[a], value, at);
             Py_DECREF(at);
             if (failed < 0)
-                return -1;
+                goto fail;
         }
     }
     for (int a = 0; a < h->n_attrs; a++) {
@@ -532,13 +583,16 @@ rebuild(History *h, PyObject *labels)
         PyObject *key, *value;
         while (PyDict_Next(h->last[a], &pos, &key, &value)) {
             if (room(&h->lasts[a], count, &h->cap_lasts[a]) < 0)
-                return -1;
+                goto fail;
             h->lasts[a][count++] = PyLong_AsLongLong(value);
         }
         qsort(h->lasts[a], count, sizeof(long long), compare_ll);
         h->n_lasts[a] = count;
     }
     return 0;
+fail:
+    reset(h);
+    return -1;
 }
 
 static PyObject *
@@ -565,8 +619,10 @@ trim(History *h, double cutoff)
         Py_ssize_t gone = bisect_left_ll(h->lasts[a], 0, h->n_lasts[a], floor);
         for (Py_ssize_t j = 0; j < gone; j++) {
             PyObject *value = PyTuple_GET_ITEM(h->txs[h->lasts[a][j] - base], h->attr[a]);
-            if (PyDict_DelItem(h->last[a], value) < 0)
+            if (PyDict_DelItem(h->last[a], value) < 0) {
+                reset(h);
                 return -1;
+            }
         }
         h->n_lasts[a] -= gone;
         memmove(h->lasts[a], h->lasts[a] + gone, h->n_lasts[a] * sizeof(long long));
@@ -834,7 +890,7 @@ Plan_step(Plan *p, PyObject *const *args, Py_ssize_t nargs)
     PyObject *tx = args[1];
     double ts, amount;
     long long micros;
-    if (parse_record(tx, &ts, &amount, &micros) < 0)
+    if (parse_record(tx, &ts, &amount, &micros) < 0 || check_attrs(h->attr, h->n_attrs, tx) < 0)
         return NULL;
     double lookback = PyFloat_AsDouble(args[2]);
     double keep = PyFloat_AsDouble(args[3]);
@@ -976,9 +1032,9 @@ Plan_step(Plan *p, PyObject *const *args, Py_ssize_t nargs)
             h->n_lasts[a]--;
         }
         else if (PyErr_Occurred())
-            goto fail;
+            goto broken;
         if (put(h->last[a], value, PyLong_FromLongLong(end)) < 0)
-            goto fail;
+            goto broken;
         h->lasts[a][h->n_lasts[a]++] = end;
     }
     while (h->n_peaks && h->amount[h->peaks[h->n_peaks - 1] - base] <= amount)
@@ -993,7 +1049,7 @@ Plan_step(Plan *p, PyObject *const *args, Py_ssize_t nargs)
     h->n = ++n;
     double cutoff = ts - keep;
     if (h->ts[0] <= cutoff && (n >= 64 || h->ts[n / 2] <= cutoff) && trim(h, cutoff) < 0)
-        goto fail;
+        goto fail; /* trim emptied the history */
     if (h->n_peaks > 8) {
         /* Peaks older than the longest window are never read again. */
         long long floor = h->base + bisect_right_d(h->ts, 0, h->n, ts - longest);
@@ -1004,6 +1060,8 @@ Plan_step(Plan *p, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     return out;
+broken:
+    reset(h);
 fail:
     Py_DECREF(out);
     return NULL;

@@ -95,7 +95,7 @@ MICROS = 1_000_000
 #: Entities (or remembered transaction ids) the memory store's forgetting visits per call.
 SWEEP_SLICE = 512
 
-#: The largest amount in micros that C histories sum (64-bit integers).
+#: The largest amount in micros (either sign) that C histories sum (64-bit integers).
 _MICROS_MAX = 2**63 - 1
 
 Features = dict[str, dict[str, float]]
@@ -976,7 +976,7 @@ class MemoryStore:
             return self._score_only(event, needed)
         amount = event.amount
         micro = round(amount * MICROS)
-        if micro > _MICROS_MAX and self.native:
+        if (micro > _MICROS_MAX or micro < -_MICROS_MAX) and self.native:
             self._to_python()
         tx: _Record = (ts, txid, amount, micro, event.terminal, event.merchant, event.country)
         plans = self._plans.get(needed) or self._plan(needed)

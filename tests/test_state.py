@@ -543,14 +543,16 @@ def test_c_and_python_histories_give_the_same_features_in_the_same_order(
             assert c == python, step
 
 
-def test_an_amount_beyond_64_bit_micros_moves_the_store_to_python() -> None:
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_amount_beyond_64_bit_micros_moves_the_store_to_python(sign: int) -> None:
     """Amounts are valid up to the largest float, but the C arrays sum 64-bit micros: the
-    store carries its histories over to Python lists and goes on, exactly."""
+    store carries its histories over to Python lists and goes on, exactly. (A negative
+    amount is invalid in a transaction, but the store takes what it is given.)"""
     stores = [MemoryStore(SMALL, native=native) for native in (True, False)]
     stream = [
         ev("a", 1.0, 10.0, terminal="t1"),
         ev("b", 2.0, 20.0, terminal="t2"),
-        ev("c", 3.0, 1e13, terminal="t1"),  # 1e19 micros > 2**63 - 1
+        ev("c", 3.0, sign * 1e13, terminal="t1"),  # 1e19 micros > 2**63 - 1
         ev("d", 2.5, 5.0, terminal="t1"),  # out of order: the slow path, in Python
         ev("e", 4.0, 1e13, terminal="t2"),
     ]
@@ -563,8 +565,27 @@ def test_an_amount_beyond_64_bit_micros_moves_the_store_to_python() -> None:
     assert not stores[0].native
     final = stores[0].observe(ev("f", 5.0, 1.0, terminal="t1"))
     assert final["customer"]["count_100s"] == 5.0
-    assert final["customer"]["sum_100s"] == 2e13 + 35.0
+    assert final["customer"]["sum_100s"] == (1 + sign) * 1e13 + 35.0
     assert final["customer"]["fraud_count_100s"] == 1.0
+
+
+@pytest.mark.skipif(state._history is None, reason="make native: not built")
+def test_a_c_history_refuses_what_it_cannot_hold_before_changing_anything() -> None:
+    """Event times must be finite and tracked values hashable: checked before a C history
+    changes, so that its indexes never disagree with its records (a crash, in C)."""
+    config = StateConfig(windows=(5, 30), allowed_lateness=8, retention=40)
+    store = MemoryStore(config)
+    store.observe(ev("a", 1.0, 1.0, country=["not", "hashable"]), frozenset())  # untracked
+    for i in range(20):
+        store.observe(ev(f"b{i:02d}", 2.0 + i, 2.0 + i, country="FR"), frozenset())
+    with pytest.raises(TypeError, match="unhashable"):
+        store.track(None)  # starts indexing countries: rebuilds, meets the list
+    with pytest.raises(TypeError, match="unhashable"):
+        store.observe(ev("c", 22.0, 1.0, country=["x"]), None)
+    with pytest.raises(ValueError, match="finite"):
+        store.observe(ev("d", math.nan, 1.0, country="FR"), None)
+    got = store.observe(ev("z", 22.0, 1.0, country="FR"), None)["customer"]
+    assert (got["count_30s"], got["max_5s"], got["max_30s"]) == (21.0, 21.0, 21.0)
 
 
 @pytest.mark.integration
