@@ -529,7 +529,8 @@ compare_ll(const void *a, const void *b)
 }
 
 /* Recompute every index from the records (after an out-of-order insert or a change of the
- * tracked attributes). */
+ * tracked attributes, which emptied the indexes: so a record they cannot index empties the
+ * history too, rather than leave it with indexes that miss records). */
 static int
 rebuild(History *h, PyObject *labels)
 {
@@ -539,7 +540,7 @@ rebuild(History *h, PyObject *labels)
         if (parse_record(h->txs[i], &ts, &amount, &micros) < 0 ||
             check_attrs(h->attr, h->n_attrs, h->txs[i]) < 0 ||
             labelled_fraud(labels, txid_of(h, i)) < 0)
-            return -1;
+            goto fail;
     }
     long long base = h->base;
     h->sums[0] = 0;

@@ -570,9 +570,10 @@ def test_an_amount_beyond_64_bit_micros_moves_the_store_to_python(sign: int) -> 
 
 
 @pytest.mark.skipif(state._history is None, reason="make native: not built")
-def test_a_c_history_refuses_what_it_cannot_hold_before_changing_anything() -> None:
-    """Event times must be finite and tracked values hashable: checked before a C history
-    changes, so that its indexes never disagree with its records (a crash, in C)."""
+def test_a_c_history_refuses_what_it_cannot_hold_and_never_disagrees_with_itself() -> None:
+    """Event times must be finite and tracked values hashable: a step checks before it
+    changes a C history, and a rebuild that cannot index a record empties the history, so
+    that its indexes never disagree with its records (a crash, in C)."""
     config = StateConfig(windows=(5, 30), allowed_lateness=8, retention=40)
     store = MemoryStore(config)
     store.observe(ev("a", 1.0, 1.0, country=["not", "hashable"]), frozenset())  # untracked
@@ -584,8 +585,14 @@ def test_a_c_history_refuses_what_it_cannot_hold_before_changing_anything() -> N
         store.observe(ev("c", 22.0, 1.0, country=["x"]), None)
     with pytest.raises(ValueError, match="finite"):
         store.observe(ev("d", math.nan, 1.0, country="FR"), None)
+    with pytest.raises(ValueError, match="finite"):
+        store.observe(ev("e", math.inf, 1.0, customer="new", country="FR"), None)
+    # The history whose records the new index could not take was emptied, not left with
+    # indexes that miss records.
     got = store.observe(ev("z", 22.0, 1.0, country="FR"), None)["customer"]
-    assert (got["count_30s"], got["max_5s"], got["max_30s"]) == (21.0, 21.0, 21.0)
+    assert (got["count_30s"], got["distinct_countries_30s"]) == (0.0, 0.0)
+    got = store.observe(ev("y", 23.0, 1.0, country="FR"), None)["customer"]
+    assert (got["count_30s"], got["max_30s"], got["distinct_countries_30s"]) == (1.0, 1.0, 1.0)
 
 
 @pytest.mark.integration
