@@ -105,6 +105,36 @@ nomem:
     return -1;
 }
 
+/* Give back room beyond `cap` (at least n + 1) after a burst was trimmed; keeps the old
+ * arrays where the allocator cannot. */
+static void
+shrink(History *h, Py_ssize_t cap)
+{
+    if (cap < h->n + 1)
+        cap = h->n + 1;
+    if (cap < 4)
+        cap = 4;
+    double *ts = PyMem_Realloc(h->ts, cap * sizeof(double));
+    double *amount = ts ? PyMem_Realloc(h->amount, cap * sizeof(double)) : NULL;
+    PyObject **txs = amount ? PyMem_Realloc(h->txs, cap * sizeof(PyObject *)) : NULL;
+    wide *sums = txs ? PyMem_Realloc(h->sums, (cap + 1) * sizeof(wide)) : NULL;
+    long long *frauds = sums ? PyMem_Realloc(h->frauds, (cap + 1) * sizeof(long long)) : NULL;
+    /* A realloc that fails leaves its block as it was, larger: every array still holds at
+     * least `cap` once the first has shrunk to it. */
+    if (ts) {
+        h->ts = ts;
+        h->cap = cap;
+    }
+    if (amount)
+        h->amount = amount;
+    if (txs)
+        h->txs = txs;
+    if (sums)
+        h->sums = sums;
+    if (frauds)
+        h->frauds = frauds;
+}
+
 /* Room for one more item in a growing array of long longs. */
 static int
 room(long long **items, Py_ssize_t n, Py_ssize_t *cap)
@@ -587,7 +617,8 @@ rebuild(History *h, PyObject *labels)
                 goto fail;
             h->lasts[a][count++] = PyLong_AsLongLong(value);
         }
-        qsort(h->lasts[a], count, sizeof(long long), compare_ll);
+        if (count)
+            qsort(h->lasts[a], count, sizeof(long long), compare_ll);
         h->n_lasts[a] = count;
     }
     return 0;
@@ -625,8 +656,10 @@ trim(History *h, double cutoff)
                 return -1;
             }
         }
-        h->n_lasts[a] -= gone;
-        memmove(h->lasts[a], h->lasts[a] + gone, h->n_lasts[a] * sizeof(long long));
+        if (gone) {
+            h->n_lasts[a] -= gone;
+            memmove(h->lasts[a], h->lasts[a] + gone, h->n_lasts[a] * sizeof(long long));
+        }
     }
     for (Py_ssize_t i = 0; i < drop; i++)
         Py_DECREF(h->txs[i]);
@@ -641,6 +674,8 @@ trim(History *h, double cutoff)
     Py_ssize_t old = bisect_left_ll(h->peaks, 0, h->n_peaks, floor);
     h->n_peaks -= old;
     memmove(h->peaks, h->peaks + old, h->n_peaks * sizeof(long long));
+    if (h->cap > 64 && keep < h->cap / 4)
+        shrink(h, keep * 2);
     return 0;
 }
 

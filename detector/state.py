@@ -1052,7 +1052,7 @@ class MemoryStore:
                     h = histories.get(key)
                     if h is None:
                         continue
-                    if h.newest <= cutoff:
+                    if not h or h.newest <= cutoff:  # empty: a C history that refused
                         del histories[key]
                         gone += 1
                     elif h.oldest <= cutoff:

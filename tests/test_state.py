@@ -587,11 +587,16 @@ def test_a_c_history_refuses_what_it_cannot_hold_and_never_disagrees_with_itself
         store.observe(ev("d", math.nan, 1.0, country="FR"), None)
     with pytest.raises(ValueError, match="finite"):
         store.observe(ev("e", math.inf, 1.0, customer="new", country="FR"), None)
+    # The new customer's history stays, empty: forgetting passes drop it and go on.
+    for i in range(200):
+        store.observe(ev(f"f{i}", 24.0 + i, 1.0, customer="other", country="FR"), None)
+    assert "new" not in store._customers
+    assert len(store) <= 101  # ids forgotten: 40 s of retention + a pass every 60 s, 1/s
     # The history whose records the new index could not take was emptied, not left with
     # indexes that miss records.
-    got = store.observe(ev("z", 22.0, 1.0, country="FR"), None)["customer"]
+    got = store.observe(ev("z", 224.0, 1.0, country="FR"), None)["customer"]
     assert (got["count_30s"], got["distinct_countries_30s"]) == (0.0, 0.0)
-    got = store.observe(ev("y", 23.0, 1.0, country="FR"), None)["customer"]
+    got = store.observe(ev("y", 225.0, 1.0, country="FR"), None)["customer"]
     assert (got["count_30s"], got["max_30s"], got["distinct_countries_30s"]) == (1.0, 1.0, 1.0)
 
 
