@@ -371,7 +371,7 @@ class Replayer:
         decide = detector.decide
         progress = self.progress
         scored = detector.model is not None and bool(self.truth)
-        # `merge_labels` on plain tuples, its heap checked inline: the generator, `Timed`/
+        # `merge_labels` on plain tuples, its queues checked inline: the generator, `Timed`/
         # `Decoded` objects and isinstance checks per line cost about as much as the rules.
         pending, early, inject, expect, get_truth = (
             self.pending,

@@ -544,9 +544,18 @@ class _History:
 _NA = object()  # placeholder for an absent amount ratio in generated code
 
 
-#: The variables of one window in generated code and in `_history.Plan`'s keys, in order;
-#: a distinct count per tracked attribute follows them ("d0", "d1", ...).
-_VARIABLES = ("c", "s", "m", "x", "r", "f", "fs")
+#: The variables of one window in generated code and in `_history.Plan`'s keys, in order,
+#: with the features they compute; a distinct count per tracked attribute follows them
+#: ("d0", "d1", ...).
+_VARIABLES = {
+    "c": "count",
+    "s": "sum",
+    "m": "mean",
+    "x": "max",
+    "r": "amount_ratio",
+    "f": "fraud_count",
+    "fs": "fraud_share",
+}
 
 
 def _layout(
@@ -572,8 +581,7 @@ def _layout(
     layout = []
     for window in order:
         s = window_name(window)
-        bases = ("count", "sum", "mean", "max", "amount_ratio", "fraud_count", "fraud_share")
-        keys = {var: f"{base}_{s}" for var, base in zip(_VARIABLES, bases, strict=True)}
+        keys = {var: f"{base}_{s}" for var, base in _VARIABLES.items()}
         for n, attr in enumerate(attrs):
             keys[f"d{n}"] = f"{_DISTINCT_FEATURE[attr]}_{s}"
         layout.append({var: key for var, key in keys.items() if key in wanted})
