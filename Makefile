@@ -13,12 +13,12 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(BIN)/.installed
 
-## The optional C parts: the tree model's walk (detector/_forest.c) and the memory store's
-## entity histories (detector/_history.c): same verdicts, faster. Without a C compiler it
+## The optional C parts: the tree model's walk (detector/model/_forest.c) and the memory store's
+## entity histories (detector/state/_history.c): same verdicts, faster. Without a C compiler it
 ## says so, and everything runs in pure Python.
 native: venv
 	-PYTHONWARNINGS=ignore $(BIN)/python setup.py --quiet build_ext --inplace
-	@$(BIN)/python -c "import detector._forest, detector._history" 2>/dev/null || echo "make native: the C parts are not built (no C compiler?); model and state store run in pure Python, with the same results"
+	@$(BIN)/python -c "import detector.model._forest, detector.state._history" 2>/dev/null || echo "make native: the C parts are not built (no C compiler?); model and state store run in pure Python, with the same results"
 
 ## The main job: emulator, functions, simulated stream, live and final report.
 demo: venv native
@@ -44,4 +44,4 @@ schemas: venv
 	$(BIN)/python -m detector schemas
 
 clean:
-	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache build/temp.* detector/_forest.*.so detector/_history.*.so
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache build/temp.* detector/model/_forest.*.so detector/state/_history.*.so

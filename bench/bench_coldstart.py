@@ -206,14 +206,13 @@ def step(name, action):
     action()
     steps.append((name, clock() - began))
 for name in ("yaml", "detector.transaction", "detector.rules", "detector.state",
-             "detector.model", "detector.app", "detector.logs"):
+             "detector.model", "detector.config", "detector.logs"):
     step("import " + name, lambda: importlib.import_module(name))
-from detector.app import load_risk_model, load_rules
-from detector.settings import Settings
+from detector.config import DetectorConfig, load_risk_model, load_rules
 from detector.state import StateConfig
-settings = Settings.from_env()
-step("load the ruleset (load_rules)", lambda: load_rules(settings, StateConfig()))
-step("load the model (load_risk_model)", lambda: load_risk_model(settings))
+config = DetectorConfig.from_env()
+step("load the ruleset (load_rules)", lambda: load_rules(config, StateConfig()))
+step("load the model (load_risk_model)", lambda: load_risk_model(config))
 print(json.dumps(steps))
 """
 

@@ -3,7 +3,7 @@
 Usage: .venv/bin/python bench/bench_detect.py [--quick] [--redis] [--profile CONFIG]
 
 One "transaction" is what `detect_fraud` does in process for one Pub/Sub message, publishing
-left out: `Service.on_transaction` with a `MemorySink` (base64 and JSON decoding, pydantic
+left out: `Service.on_transaction` with a `MemoryVerdictSink` (base64 and JSON decoding, pydantic
 validation, state store, model if configured, rules, verdict encoding) against the original
 (`base64` + `json.loads` + `amount > 1000` + `json.dumps`, bench/original/main.py).
 
@@ -52,11 +52,11 @@ sys.path.insert(0, str(ROOT))
 
 import _report  # noqa: E402
 
-from detector.app import build_detector  # noqa: E402
+from detector.config import DetectorConfig, build_detector  # noqa: E402
 from detector.engine import Detector  # noqa: E402
-from detector.service import Service, parse_envelope  # noqa: E402
-from detector.settings import Settings  # noqa: E402
-from detector.sinks import MemorySink  # noqa: E402
+from detector.functions.service import Service, parse_envelope  # noqa: E402
+from detector.functions.settings import Settings  # noqa: E402
+from detector.functions.sinks import MemoryVerdictSink  # noqa: E402
 from detector.state import StateConfig, open_store  # noqa: E402
 from detector.transaction import parse_json, validate  # noqa: E402
 from publisher.simulate import SimulationConfig, records  # noqa: E402
@@ -196,7 +196,7 @@ class Config:
 
     name: str
     run: Callable[[Envelope], object]
-    sink: MemorySink | None = None
+    sink: MemoryVerdictSink | None = None
     detector: Detector | None = None
     rules_file: Path | None = None
 
@@ -209,18 +209,18 @@ def detector_config(
     model: str | None = None,
     state: bool = True,
 ) -> Config:
-    """A Service as the function builds it, with a MemorySink; model from MODEL_PATH unless
+    """A Service as the function builds it, with a MemoryVerdictSink; model from MODEL_PATH unless
     given ("none" disables it), state in memory (or Redis) unless state is False."""
-    settings = Settings(
-        project="bench",
+    config = DetectorConfig(
         rules_file=rules_file,
         model_path=model or os.environ.get("MODEL_PATH") or None,
         redis_url=redis_url,
     )
-    detector = build_detector(settings, store=open_store(StateConfig(), redis_url))
+    settings = Settings(project="bench", detector=config)
+    detector = build_detector(config, store=open_store(StateConfig(), redis_url))
     if not state:
         detector = Detector(detector.rules, None, detector.model)
-    sink = MemorySink()
+    sink = MemoryVerdictSink()
     service = Service(settings, detector, sink)
     return Config(name, service.on_transaction, sink, detector, rules_file)
 
@@ -383,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path.write_text(generated_rules(count, stateful))
                 files[count, stateful] = path
         stateful_default = Path(tmp) / "default-plus-velocity.yaml"
-        default_text = (ROOT / "detector/rulesets/default.yaml").read_text()
+        default_text = (ROOT / "detector/rules/rulesets/default.yaml").read_text()
         stateful_default.write_text(default_text + _velocity_yaml())
         configs = [
             Config("original (json.loads, amount > 1000, json.dumps)", original.handle),
@@ -435,12 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("default ruleset", None),
             ("default + 8 velocity", stateful_default),
         ):
-            settings = Settings(
-                project="bench",
-                rules_file=rules_file,
-                model_path=os.environ.get("MODEL_PATH") or None,
+            config = DetectorConfig(
+                rules_file=rules_file, model_path=os.environ.get("MODEL_PATH") or None
             )
-            detector = build_detector(settings, store=open_store(StateConfig(), None))
+            detector = build_detector(config, store=open_store(StateConfig(), None))
             print(
                 f"\nWhere the time goes ({label}, memory state; each step timed alone, "
                 "garbage collector paused):\n"

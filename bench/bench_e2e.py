@@ -8,7 +8,7 @@ publishing to its own results topic, which this script pulls with a streaming su
 
 - ``detect_fraud`` (detector/main.py, default ruleset, state in memory);
 - ``passthrough`` (bench/passthrough/main.py): decodes and republishes the message unchanged
-  through the detector's own `PubSubSink`, no detection.
+  through the detector's own `PubSubVerdictSink`, no detection.
 
 Each round, for one functions-framework setting (``WORKERS`` x ``THREADS``):
 

@@ -41,7 +41,7 @@ def measure(policy: str, count: int, customers: int) -> dict[str, Any]:
     """Run the stream under one collector policy in this process; latencies in seconds."""
     import bench_detect
 
-    from detector.app import bound_collector_pauses
+    from detector.functions.runtime import bound_collector_pauses
 
     envelopes = bench_detect.envelopes(count, customers)
     config = bench_detect.detector_config(policy, None)

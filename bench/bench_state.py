@@ -30,15 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detector.state import (
-    DAY,
-    Event,
-    MemoryStore,
-    StateConfig,
-    StateError,
-    StateStore,
-    feature_names,
-)
+from detector.errors import TransientError
+from detector.state import Event, MemoryStore, StateConfig, StateStore, feature_names
+from detector.vocabulary import DAY
 from stack.services import redis_server
 
 START = 1_700_000_000.0
@@ -132,7 +126,7 @@ def run(
         if not checked and day >= 1:
             features = store.observe(batch[-1], needed)  # a redelivery: sanity check
             if features["customer"].get("count_30d", 1.0) < 0:
-                raise StateError("negative count")
+                raise TransientError("negative count")
             checked = True
         # Yesterday's fraud reports arrive today.
         started = clock()
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"observe: C histories {python / c:.2f}x as fast as Python lists")
         print(f"reference: {reference_ns():.0f} ns per dict store after the run")
         if args.redis or args.redis_url:
-            from detector.redis_store import RedisStore
+            from detector.state.redis_store import RedisStore
 
             redis_scale = Scale(
                 scale.customers, scale.terminals, scale.per_day, min(args.redis_days, scale.days)
@@ -244,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(server_cost(url))
                 finally:
                     store.close()
-    except StateError as error:
+    except TransientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -5,14 +5,14 @@ Usage: .venv/bin/python bench/handbook.py [--quick] [--out DIR] [--fresh]
 1. simulate the book's dataset with the publisher's simulator at book defaults (5,000
    customers, 10,000 terminals, 183 days from 2018-04-01; cached in DIR, default
    out/handbook/, unless --fresh);
-2. train: `detector.train` replays the stream (labels known 7 days after each transaction)
+2. train: `detector.offline.train` replays the stream (labels known 7 days after each transaction)
    and fits on the transactions from 2018-05-01 to 2018-07-31 (the book uses only
    2018-07-25..31; more history is allowed);
-3. replay: `detector.replay` scores every transaction online with that model (the same code
+3. replay: `detector.offline.replay` scores every transaction online with that model (the same code
    path as the functions: decode, state, model, rules) up to the end of the test week;
 4. evaluate on 2018-08-08..14, leaving out cards already known compromised (frauds from
    2018-07-25 on, each day of the delay period as it becomes known): AUC ROC, average
-   precision, card precision@100 (`detector.evaluate.handbook_protocol`).
+   precision, card precision@100 (`detector.offline.evaluate.handbook_protocol`).
 
 Prints progress on stderr and a Markdown table (ours beside the book's) on stdout.
 ``--quick`` runs a tiny population over 8 weeks (the smoke test uses it): the numbers are
@@ -36,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson
 
-from detector.evaluate import Result, handbook_protocol, scored_from_verdicts
-from detector.replay import build_offline_detector, read_labels, replay
-from detector.train import Params, train
+from detector.offline.commands import offline_detector
+from detector.offline.evaluate import Metrics, handbook_protocol, scored_from_verdicts
+from detector.offline.labels import read_labels
+from detector.offline.replay import replay
+from detector.offline.train import Params, train
 from publisher.simulate import SimulationConfig, records
 
 UTC = dt.UTC
@@ -152,7 +154,7 @@ def cold_start(model_path: Path) -> float:
     return min(runs) * 1000
 
 
-def run(quick: bool, out: Path, fresh: bool) -> tuple[Result, dict[str, float]]:
+def run(quick: bool, out: Path, fresh: bool) -> tuple[Metrics, dict[str, float]]:
     chosen = plan(quick)
     timings: dict[str, float] = {}
     transactions = out / "transactions.jsonl"
@@ -191,7 +193,7 @@ def run(quick: bool, out: Path, fresh: bool) -> tuple[Result, dict[str, float]]:
     log(f"train: {len(model.trees)} trees, {model.metadata['examples']:,} examples -> {model_path}")
 
     started = time.perf_counter()
-    detector = build_offline_detector(None, str(model_path))
+    detector = offline_detector(None, str(model_path))
     timed = TimedModel(detector.model)
     detector.model = timed
     verdicts_path = out / "verdicts.jsonl"
@@ -228,7 +230,7 @@ def run(quick: bool, out: Path, fresh: bool) -> tuple[Result, dict[str, float]]:
     return result, timings
 
 
-def table(result: Result) -> str:
+def table(result: Metrics) -> str:
     rows = [
         "| Model | AUC ROC | Average precision | Card precision@100 |",
         "| --- | ---: | ---: | ---: |",

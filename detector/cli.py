@@ -2,11 +2,10 @@
 
     schemas   write (or --check) the schema files in schemas/
     rules     check a rules file against the variables the detector provides
-    replay    backtest: run the detector over a file of transactions (detector/replay.py)
-    train     train the risk model from a file of transactions (detector/train.py)
+    replay    backtest: run the detector over a file of transactions (detector/offline/)
+    train     train the risk model from a file of transactions (detector/offline/)
 
-Each command lives in its own module and registers itself in COMMANDS; user mistakes end
-as one line `error: ...` and exit status 2, never a traceback.
+User mistakes end as one line `error: ...` and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,13 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from detector import schemas
+from detector.config import DetectorConfig, load_risk_model, load_rules, state_config
 from detector.errors import DetectorError
+from detector.offline.commands import add_replay, add_train
+
+__all__ = ["main"]
 
 
 def _schemas(args: argparse.Namespace) -> int:
-    from detector import schemas
-
     if args.check:
         stale = schemas.stale()
         if stale:
@@ -40,13 +43,8 @@ def _add_schemas(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from detector.app import load_risk_model, load_rules, state_config
-    from detector.settings import Settings
-
-    settings = Settings(project="", rules_file=Path(args.file), model_path=args.model)
-    ruleset = load_rules(settings, state_config(load_risk_model(settings)))
+    config = DetectorConfig(rules_file=Path(args.file), model_path=args.model)
+    ruleset = load_rules(config, state_config(load_risk_model(config)))
     print(f"{args.file}: {len(ruleset.rules)} rules, version {ruleset.version}: ok")
     return 0
 
@@ -64,21 +62,16 @@ def _add_rules(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_schemas,
     _add_rules,
+    add_replay,
+    add_train,
 ]
-
-
-def _commands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
-    """COMMANDS plus replay and train (imported here: they are not needed by the functions)."""
-    from detector import replay, train
-
-    return [*COMMANDS, replay.add_command, train.add_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m detector", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in _commands():
+    for add in COMMANDS:
         add(commands)
     args = parser.parse_args(argv)
     try:

@@ -14,34 +14,11 @@ from typing import Any, NamedTuple, Protocol
 import orjson
 
 from detector.rules import Ruleset
-from detector.state import Event, MemoryStore, StateStore
+from detector.state import Event, LabelOutcome, StateStore
 from detector.transaction import Transaction, rfc3339
+from detector.vocabulary import ENTITY_VARIABLES
 
-#: Name of each entity's aggregates in rule conditions, by the state store's entity name.
-#: (`merchant` is already the transaction's merchant field, hence the `by_` prefix.)
-ENTITY_VARIABLES = {
-    "customer": "by_customer",
-    "card": "by_card",
-    "terminal": "by_terminal",
-    "merchant": "by_merchant",
-}
-
-#: Transaction fields that rule conditions can read, with their types.
-TRANSACTION_VARIABLES: dict[str, str] = {
-    "amount": "number",
-    "customer_id": "string",
-    "transaction_id": "string",
-    "currency": "string",
-    "merchant": "string",
-    "card_id": "string",
-    "terminal_id": "string",
-    "merchant_category": "string",
-    "country": "string",
-    "ip_country": "string",
-    "channel": "string",
-    "hour": "number",
-    "weekday": "number",
-}
+__all__ = ["Contribution", "Detector", "RiskModel", "Verdict", "entity_reads"]
 
 _SEVERITY_SCORE = {"block": 1.0, "review": 0.5, "allow": 0.0}
 
@@ -101,15 +78,6 @@ class Verdict(NamedTuple):
         }
 
 
-def variable_schema(entity_features: Mapping[str, frozenset[str]]) -> dict[str, Any]:
-    """The names rule conditions may use: transaction fields, entity aggregates, score."""
-    schema: dict[str, Any] = dict(TRANSACTION_VARIABLES)
-    for entity, variable in ENTITY_VARIABLES.items():
-        schema[variable] = dict.fromkeys(sorted(entity_features.get(entity, ())), "number")
-    schema["score"] = "number"
-    return schema
-
-
 def entity_reads(names: set[str] | frozenset[str]) -> dict[str, frozenset[str] | None]:
     """Of the variables rules and model read, the features of each entity kind.
 
@@ -132,8 +100,7 @@ _new = tuple.__new__
 
 
 def _event(transaction: Transaction, transaction_id: str, moment: datetime) -> Event:
-    # The fields in `Event` order, built as a tuple: a third of the keyword constructor's cost
-    # (1.3 us of about 80 per transaction in replay).
+    # The fields in `Event` order, built as a tuple: cheaper than the keyword constructor.
     return _new(
         Event,
         (
@@ -161,14 +128,9 @@ class Detector:
         needed = set(rules.variables) | (set(model.variables) if model else set())
         # Only what some rule or the model reads is computed per transaction.
         self._needed = frozenset(name.split(".", 1)[1] for name in needed if "." in name)
-        if isinstance(store, MemoryStore):
+        if store is not None:
             # And per entity kind: a card need not compute the customer's 30-day means.
-            # Invisible to rules and model (they read nothing else); a third to half less
-            # state cost (bench/bench_detect.py).
-            store.narrow(entity_reads(needed))
-            # The indexes these features read are kept from the first transaction on, also
-            # when one is only recorded (`record`).
-            store.track(self._needed)
+            store.declare_reads(entity_reads(needed))
 
     def activation(
         self, transaction: Transaction, transaction_id: str, moment: datetime
@@ -178,7 +140,7 @@ class Detector:
         Records the transaction in the state store (once per transaction_id).
 
         Raises:
-            StateError: the state store failed (worth retrying).
+            TransientError: the state store failed (worth retrying).
         """
         activation: dict[str, Any] = {
             "amount": transaction.amount,
@@ -209,7 +171,7 @@ class Detector:
         What the store keeps is the same either way: replay warms a shard's store with it.
 
         Raises:
-            StateError: the state store failed (worth retrying).
+            TransientError: the state store failed (worth retrying).
         """
         if self.store is not None:
             self.store.observe(_event(transaction, transaction_id, moment), needed=frozenset())
@@ -233,7 +195,7 @@ class Detector:
             decided_at: the time the verdict is stamped with.
 
         Raises:
-            StateError: the state store failed (worth retrying).
+            TransientError: the state store failed (worth retrying).
         """
         transaction_id = transaction.transaction_id or message_id or uuid.uuid4().hex
         activation = self.activation(
@@ -263,3 +225,15 @@ class Detector:
                 for f in factors
             ]
         return Verdict(transaction_id, decision, score, self.rules.version, body)
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome | None:
+        """Record a fraud label for a transaction (see `StateStore.record_label`).
+
+        Returns None without a state store: nothing could use the label.
+
+        Raises:
+            TransientError: the state store failed (worth retrying).
+        """
+        if self.store is None:
+            return None
+        return self.store.record_label(transaction_id, is_fraud)

@@ -1,4 +1,4 @@
-"""Cloud Functions entry points: adapt CloudEvents and HTTP requests to `detector.service`.
+"""Cloud Functions entry points: adapt CloudEvents and HTTP requests to `detector.functions`.
 
     functions-framework --source detector/main.py --target detect_fraud --signature-type cloudevent
     functions-framework --source detector/main.py --target score_transaction --signature-type http
@@ -26,8 +26,7 @@ import orjson  # noqa: E402
 from cloudevents.http import CloudEvent  # noqa: E402
 
 from detector import logs  # noqa: E402
-from detector.app import bound_collector_pauses, build_service  # noqa: E402
-from detector.settings import Settings  # noqa: E402
+from detector.functions import Settings, bound_collector_pauses, build_service  # noqa: E402
 
 logs.configure()
 service = build_service(Settings.from_env())

@@ -87,7 +87,8 @@ class Transaction(_Fields):
 
     The pydantic model `schema_model()` defines validity: it writes every error and the JSON
     Schema. It is built on first need, because importing pydantic and building the model
-    cost about 150 ms of the function's cold start: the usual valid transaction is admitted
+    is a large part of the function's cold start (BENCHMARKS.md, "Cold start"): the usual
+    valid transaction is admitted
     by a fast check in `validate` that accepts only what the model accepts (a property test
     holds the two together), so a function that sees only good messages never imports it.
     A NamedTuple rather than a frozen dataclass: it is built once per transaction, and a

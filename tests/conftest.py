@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from stack import services
-
-PROJECT = "fraud-test"
+from tests.helpers.pubsub import PROJECT
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +47,3 @@ def _restore_environment() -> Iterator[None]:
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
-
-
-def startup_error(env: dict[str, str], workdir: Path) -> str:
-    """The error with which functions-framework fails to start score_transaction under env."""
-    with (
-        pytest.raises(RuntimeError) as caught,
-        services.function_server("score_transaction", "http", env, workdir),
-    ):
-        pass
-    return str(caught.value)

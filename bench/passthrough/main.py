@@ -5,7 +5,7 @@
 
 Decodes the Pub/Sub message in the CloudEvent and republishes its data unchanged to
 RESULTS_TOPIC, with the same `source_publish_time` attribute the detector sets. No detection.
-Publishing goes through the detector's own `PubSubSink` (same client, retry and timeout
+Publishing goes through the detector's own `PubSubVerdictSink` (same client, retry and timeout
 settings, same wait for the result), so the only difference from `detect_fraud` is the
 detection itself.
 """
@@ -25,12 +25,12 @@ if _ROOT not in sys.path:
 
 import functions_framework  # noqa: E402
 
-from detector.settings import Settings  # noqa: E402
-from detector.sinks import PubSubSink  # noqa: E402
+from detector.functions.settings import Settings  # noqa: E402
+from detector.functions.sinks import PubSubVerdictSink  # noqa: E402
 from detector.transaction import rfc3339  # noqa: E402
 
 settings = Settings.from_env()
-sink = PubSubSink(settings.publish_timeout)
+sink = PubSubVerdictSink(settings.publish_timeout)
 
 
 @functions_framework.cloud_event

@@ -1,0 +1,297 @@
+"""The functions' behaviour in process: verdicts, dead letters, HTTP errors, labels."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import uuid
+from datetime import UTC, datetime
+
+import jsonschema
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector import schemas
+from detector.config import DetectorConfig, build_detector
+from detector.errors import ConfigError, StateConfigError, StoreUnavailable, TransientError
+from detector.functions import build_service
+from detector.functions.runtime import CollectorPolicy, bound_collector_pauses
+from detector.functions.service import Service
+from detector.functions.settings import Settings
+from detector.functions.sinks import MemoryVerdictSink
+from stack.services import free_port
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+PUBLISHED = "2026-11-29T11:59:59.5Z"
+RESULTS = "projects/fraud-test/topics/fraud-verdicts"
+DEAD = "projects/fraud-test/topics/transactions-dead-letter"
+
+
+def envelope(
+    data: bytes, message_id: str = "m-1", attributes: dict[str, str] | None = None
+) -> dict[str, object]:
+    return {
+        "message": {
+            "data": base64.b64encode(data).decode(),
+            "attributes": attributes or {},
+            "messageId": message_id,
+            "publishTime": PUBLISHED,
+        },
+        "subscription": "projects/fraud-test/subscriptions/s",
+    }
+
+
+@pytest.fixture()
+def sink() -> MemoryVerdictSink:
+    return MemoryVerdictSink()
+
+
+@pytest.fixture()
+def service(sink: MemoryVerdictSink) -> Service:
+    service = build_service(
+        Settings(project="fraud-test", detector=DetectorConfig(model_path="none")), sink
+    )
+    service.clock = lambda: NOW
+    return service
+
+
+@pytest.mark.parametrize(
+    ("amount", "is_fraud"), [(1200, True), (1000.01, True), (1000, False), (50, False)]
+)
+def test_original_rule_blocks_amounts_over_1000(
+    service: Service, sink: MemoryVerdictSink, amount: float, is_fraud: bool
+) -> None:
+    """The blog example's rule: amount > 1000 is fraud, 1000 itself is not."""
+    data = orjson.dumps({"amount": amount, "merchant": "XYZ Corp", "customer_id": "12345"})
+    service.on_transaction(envelope(data))
+    [(topic, body, attributes)] = sink.messages
+    verdict = orjson.loads(body)
+    assert topic == RESULTS
+    assert verdict["is_fraud"] is is_fraud
+    assert verdict["decision"] == ("block" if is_fraud else "allow")
+    assert attributes["is_fraud"] == ("true" if is_fraud else "false")
+
+
+def test_verdict_echoes_the_transaction_and_follows_the_schema(
+    service: Service, sink: MemoryVerdictSink
+) -> None:
+    """The verdict is the transaction as received plus every verdict field, per verdict.schema.json."""
+    sent = {
+        "amount": 1200,
+        "merchant": "XYZ Corp",
+        "customer_id": "12345",
+        "loyalty": {"tier": "gold"},
+    }
+    service.on_transaction(envelope(orjson.dumps(sent), message_id="42"))
+    [(_, body, attributes)] = sink.messages
+    verdict = orjson.loads(body)
+    jsonschema.validate(verdict, schemas.verdict_json_schema())
+    assert {k: verdict[k] for k in sent} == sent
+    assert isinstance(verdict["amount"], int)
+    assert verdict["transaction_id"] == "42"
+    assert verdict["message_id"] == "42"
+    assert verdict["decided_at"] == "2026-11-29T12:00:00Z"
+    assert verdict["rules_version"]
+    assert verdict["reasons"][0]["rule"] == "large-amount"
+    assert verdict["reasons"][0]["action"] == "block"
+    assert "1200" in verdict["reasons"][0]["description"]
+    assert attributes == {
+        "transaction_id": "42",
+        "decision": "block",
+        "is_fraud": "true",
+        "rules_version": verdict["rules_version"],
+        "source_publish_time": "2026-11-29T11:59:59.500000Z",
+    }
+
+
+def test_transaction_id_is_kept_when_given(service: Service, sink: MemoryVerdictSink) -> None:
+    """A transaction's own ID wins over the message ID."""
+    service.on_transaction(envelope(b'{"amount": 5, "customer_id": "c", "transaction_id": "tx-9"}'))
+    verdict = orjson.loads(sink.messages[0][1])
+    assert verdict["transaction_id"] == "tx-9"
+    assert verdict["message_id"] == "m-1"
+
+
+@pytest.mark.parametrize(
+    ("data", "error_type", "error"),
+    [
+        (b"{not json", "invalid_json", "data: not valid UTF-8 JSON"),
+        (b'"a string"', "invalid_json", "data: must be a JSON object, got str"),
+        (
+            b'{"amount": -5, "customer_id": "c"}',
+            "invalid_transaction",
+            "amount: must be >= 0, got -5",
+        ),
+        (b'{"amount": 5}', "invalid_transaction", "customer_id: is required"),
+        (
+            b'{"amount": 5, "customer_id": "c", "score": 0}',
+            "invalid_transaction",
+            "score: is a verdict field",
+        ),
+    ],
+)
+def test_bad_messages_are_dead_lettered_unchanged(
+    service: Service, sink: MemoryVerdictSink, data: bytes, error_type: str, error: str
+) -> None:
+    """Bad input goes to the dead-letter topic with its data and attributes, and why."""
+    assert service.on_transaction(envelope(data, attributes={"origin": "pos-7"})) is None
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert body == data
+    assert attributes["origin"] == "pos-7"
+    assert attributes["error_type"] == error_type
+    assert attributes["error"].startswith(error)
+    assert attributes["message_id"] == "m-1"
+
+
+def test_an_event_without_a_message_is_dead_lettered(
+    service: Service, sink: MemoryVerdictSink
+) -> None:
+    """Even an envelope with no Pub/Sub message is kept, not dropped."""
+    service.on_transaction({"unexpected": True})
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert orjson.loads(body) == {"unexpected": True}
+    assert attributes["error_type"] == "invalid_message"
+
+
+def test_http_returns_the_same_decision(service: Service) -> None:
+    """The HTTP path decides exactly like the Pub/Sub path and generates a transaction ID."""
+    status, body = service.on_request(
+        b'{"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}'
+    )
+    assert status == 200
+    assert body["is_fraud"] is True
+    assert body["message_id"] is None
+    assert len(body["transaction_id"]) == 32
+
+
+def test_http_rejects_invalid_transactions_with_the_field(service: Service) -> None:
+    """HTTP callers get 400 and a JSON error naming each field."""
+    status, body = service.on_request(b'{"amount": "abc"}')
+    assert status == 400
+    assert body["error"]["type"] == "invalid_transaction"
+    assert body["error"]["fields"] == [
+        {"field": "amount", "problem": "must be a number or a decimal string, got 'abc'"},
+        {"field": "customer_id", "problem": "is required"},
+    ]
+
+
+def test_invalid_labels_are_dead_lettered(service: Service, sink: MemoryVerdictSink) -> None:
+    """A feedback message that is not a label goes to the dead-letter topic."""
+    assert service.on_label(envelope(b'{"transaction_id": "t1", "is_fraud": "yes"}')) is None
+    [(topic, _, attributes)] = sink.messages
+    assert topic == DEAD
+    assert attributes["error_type"] == "invalid_label"
+    assert "is_fraud" in attributes["error"]
+
+
+def test_unreachable_redis_fails_the_message_so_it_is_redelivered(
+    sink: MemoryVerdictSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Redis down the message raises (Pub/Sub redelivers), nothing is published, the log says why."""
+    config = DetectorConfig(model_path="none", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    # Built past the start-up check, as if Redis went down after the function started.
+    service = Service(Settings(project="fraud-test"), build_detector(config), sink)
+    with pytest.raises(StoreUnavailable) as caught:
+        service.on_transaction(envelope(b'{"amount": 5, "customer_id": "c"}'))
+    assert isinstance(caught.value, TransientError)
+    assert "unreachable" in str(caught.value)
+    assert sink.messages == []
+    assert any("will be redelivered" in record.getMessage() for record in caplog.records)
+    status, body = service.on_request(b'{"amount": 5, "customer_id": "c"}')
+    assert status == 503
+    assert body["error"]["type"] == "unavailable"
+
+
+def test_an_unreachable_store_stops_start_up() -> None:
+    """REDIS_URL naming no server fails when the function starts, naming the variable."""
+    config = DetectorConfig(model_path="none", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(StoreUnavailable, match=r"^REDIS_URL: cannot reach redis://127\.0\.0\.1:"):
+        build_service(Settings(project="fraud-test", detector=config), MemoryVerdictSink())
+
+
+@pytest.mark.parametrize(
+    "url", ["localhost:6379", "http://127.0.0.1:6379/0", "redis://h:notaport/0"]
+)
+def test_a_malformed_redis_url_stops_start_up(url: str) -> None:
+    """A REDIS_URL that is not a Redis URL is a configuration error at start, not per message."""
+    with pytest.raises(StateConfigError, match=r"^REDIS_URL: ") as caught:
+        build_service(
+            Settings(project="fraud-test", detector=DetectorConfig(redis_url=url)),
+            MemoryVerdictSink(),
+        )
+    assert caught.value.setting == "REDIS_URL"
+
+
+def test_start_up_needs_a_project_to_name_the_topics() -> None:
+    """Without GOOGLE_CLOUD_PROJECT the function does not start, instead of failing per message."""
+    with pytest.raises(ConfigError, match=r"^GOOGLE_CLOUD_PROJECT: "):
+        build_service(Settings(project=""), MemoryVerdictSink())
+
+
+@functools.cache
+def _default_service() -> Service:
+    return build_service(Settings(project="fraud-test"), MemoryVerdictSink())
+
+
+@given(
+    amount=st.floats(min_value=0, max_value=1000),
+    country=st.sampled_from([None, "FR", "US"]),
+    ip_country=st.sampled_from([None, "FR", "BR"]),
+)
+@settings(max_examples=200, deadline=None)
+def test_default_rules_never_block_an_ordinary_lone_transaction(
+    amount: float, country: str | None, ip_country: str | None
+) -> None:
+    """With the bundled rules and model, only amount > 1000 blocks a first transaction."""
+    service = _default_service()
+    lone = uuid.uuid4().hex  # a customer, card and terminal with no history
+    transaction = {"amount": amount, "customer_id": lone, "card_id": lone, "terminal_id": lone}
+    transaction |= {k: v for k, v in (("country", country), ("ip_country", ip_country)) if v}
+    status, verdict = service.on_request(orjson.dumps(transaction))
+    assert status == 200
+    assert verdict["decision"] != "block"
+    assert verdict["is_fraud"] is False
+
+
+def test_full_collections_freeze_what_survives_them() -> None:
+    """The function's collector policy: after a full collection its survivors are frozen, so
+    the next full collection walks only newer objects (and a store's history is not rescanned);
+    once a period has passed, a full collection walks the frozen objects too and frees a cycle
+    that was frozen while still in use."""
+    import gc
+    import weakref
+
+    class Node:
+        partner: object = None
+
+    now = [0.0]
+    policy = CollectorPolicy(every=600.0, clock=lambda: now[0])
+    gc.callbacks.append(policy)
+    try:
+        assert bound_collector_pauses() is policy  # idempotent: the installed one
+        survivors = [[i] for i in range(1000)]
+        in_use = Node()
+        in_use.partner = Node()
+        in_use.partner.partner = in_use  # a cycle, like werkzeug's request and environ
+        probe = weakref.ref(in_use)
+        before = gc.get_freeze_count()
+        gc.collect(1)
+        assert gc.get_freeze_count() == before  # young collections freeze nothing
+        gc.collect()
+        assert gc.get_freeze_count() >= before + len(survivors)
+        assert all(obj is not survivors for obj in gc.get_objects(generation=2))
+        del in_use
+        gc.collect()
+        assert probe() is not None  # frozen: the collector no longer looks at it
+        now[0] = 600.0
+        gc.collect()
+        assert probe() is None  # the periodic full walk freed it
+        assert policy.full_walks == 1
+        assert gc.get_freeze_count() >= len(survivors)  # and froze the survivors again
+    finally:
+        gc.callbacks.remove(policy)
+        gc.unfreeze()

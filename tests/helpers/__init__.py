@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: Pub/Sub, state streams, simulations, function servers."""
