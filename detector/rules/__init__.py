@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from detector.rules.compiler import Schema
 from detector.rules.ruleset import (
     ACTIONS,
     Evaluation,
     Hit,
     Rule,
     Ruleset,
-    Schema,
     default_ruleset_path,
     load_ruleset,
     parse_ruleset,

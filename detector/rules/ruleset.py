@@ -59,17 +59,25 @@ from typing import Any, Final, NamedTuple
 import yaml
 
 from detector.errors import RulesError
+from detector.rules.compiler import (
+    EVAL_ERRORS,
+    MISSING,
+    SCALAR_TYPES,
+    Compiled,
+    Context,
+    Schema,
+    compile_node,
+    compile_template,
+    format_value,
+    sequence,
+)
+from detector.rules.language import SyntaxProblem, parse
 
 log = logging.getLogger(__name__)
 
 #: Rule actions, most severe first: the order of reasons in a verdict.
 ACTIONS: Final = ("block", "review", "allow")
 _SEVERITY: Final = {action: rank for rank, action in enumerate(ACTIONS)}
-_SCALAR_TYPES: Final = frozenset({"number", "string", "bool"})
-
-#: Known variable names: top-level name -> "number" | "string" | "bool", or for a nested map
-#: (an entity's features) a mapping of field name -> one of those types.
-Schema = Mapping[str, "str | Mapping[str, str]"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,702 +142,6 @@ class Evaluation(NamedTuple):
 
 
 _NOTHING_FIRED: Final = Evaluation("allow", ())
-
-
-# --------------------------------------------------------------------------------------------
-# Missing values
-
-
-class _MissingValueError(Exception):
-    """Raised by any operation on a missing value; the rule that touched it does not fire."""
-
-
-class _Missing:
-    """The value of a variable the activation does not have (absent, None)."""
-
-    __slots__ = ()
-
-    def _touch(self, *_args: object) -> Any:
-        raise _MissingValueError
-
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _touch
-    __bool__ = __len__ = __hash__ = __neg__ = __pos__ = __iter__ = __contains__ = _touch
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _touch
-    __truediv__ = __rtruediv__ = __mod__ = __rmod__ = __float__ = __index__ = _touch
-
-    def __getattr__(self, name: str) -> Any:
-        raise _MissingValueError
-
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-_MISSING: Final = _Missing()
-
-
-def _sequence(*items: object) -> tuple[object, ...]:
-    """A list value built from expressions; touching a missing item is touching a missing value."""
-    for item in items:
-        if item is _MISSING:
-            raise _MissingValueError
-    return items
-
-
-# What a rule's test may raise on values of the wrong shape; each means "did not fire".
-_EVAL_ERRORS: Final = (
-    _MissingValueError,
-    TypeError,
-    AttributeError,
-    ArithmeticError,
-    ValueError,
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Lexer and parser (CEL subset)
-
-
-class _SyntaxProblem(Exception):
-    """A problem in one condition; the loader adds file and rule."""
-
-
-_TOKEN_RE: Final = re.compile(
-    r"""
-     (?P<ws>\s+)
-    |(?P<comment>//[^\n]*)
-    |(?P<float>\d+\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\.\d+(?:[eE][+-]?\d+)?)
-    |(?P<hex>0[xX][0-9a-fA-F]+)
-    |(?P<int>\d+)
-    |(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-    |(?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-    |(?P<op>&&|\|\||==|!=|<=|>=|[<>!+\-*/%?:()\[\]{},.])
-    """,
-    re.VERBOSE,
-)
-_ESCAPES: Final = {
-    "n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v",
-    "\\": "\\", '"': '"', "'": "'", "`": "`", "?": "?",
-}  # fmt: skip
-_ESCAPE_RE: Final = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{3}|.)")
-_RESERVED: Final = frozenset(
-    [
-        "as",
-        "break",
-        "const",
-        "continue",
-        "else",
-        "for",
-        "function",
-        "if",
-        "import",
-        "let",
-        "loop",
-        "package",
-        "namespace",
-        "return",
-        "var",
-        "void",
-        "while",
-    ]
-)
-_KEYWORDS: Final = {"true": True, "false": False, "null": None}
-
-
-@dataclass(frozen=True, slots=True)
-class _Token:
-    kind: str  # number | string | ident | op | end
-    text: str
-    value: object
-    column: int
-
-
-def _unescape(body: str) -> str:
-    def one(match: re.Match[str]) -> str:
-        code = match.group(1)
-        if code[0] in "xuU":
-            return chr(int(code[1:], 16))
-        if len(code) == 3:
-            return chr(int(code, 8))
-        if code in _ESCAPES:
-            return _ESCAPES[code]
-        raise _SyntaxProblem(f"unknown escape sequence \\{code} in string")
-
-    return _ESCAPE_RE.sub(one, body)
-
-
-def _tokenize(source: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    position = 0
-    while position < len(source):
-        match = _TOKEN_RE.match(source, position)
-        if match is None:
-            raise _SyntaxProblem(
-                f"syntax error at column {position + 1}: unexpected character {source[position]!r}"
-            )
-        kind = match.lastgroup or ""
-        text = match.group()
-        column = position + 1
-        position = match.end()
-        if kind in ("ws", "comment"):
-            continue
-        if kind in ("int", "hex", "float"):
-            following = source[position : position + 1]
-            if following in ("u", "U"):
-                raise _SyntaxProblem(f"unsigned integer literal {text}{following} is not supported")
-            value: object = (
-                float(text) if kind == "float" else int(text, 16 if kind == "hex" else 10)
-            )
-            tokens.append(_Token("number", text, value, column))
-        elif kind == "string":
-            if tokens and tokens[-1].kind == "ident" and tokens[-1].text in ("r", "R", "b", "B"):
-                raise _SyntaxProblem(
-                    f"{tokens[-1].text}-prefixed string literals are not supported"
-                )
-            tokens.append(_Token("string", text, _unescape(text[1:-1]), column))
-        else:
-            tokens.append(_Token(kind, text, None, column))
-    tokens.append(_Token("end", "end of condition", None, len(source) + 1))
-    return tokens
-
-
-# AST nodes. Positions are kept out of them: problems name the construct instead.
-
-
-@dataclass(frozen=True, slots=True)
-class _Lit:
-    value: object
-
-
-@dataclass(frozen=True, slots=True)
-class _Ident:
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Select:
-    operand: _Node
-    field: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Unary:
-    op: str
-    operand: _Node
-
-
-@dataclass(frozen=True, slots=True)
-class _Binary:
-    op: str
-    left: _Node
-    right: _Node
-
-
-@dataclass(frozen=True, slots=True)
-class _Cond:
-    test: _Node
-    then: _Node
-    other: _Node
-
-
-@dataclass(frozen=True, slots=True)
-class _List:
-    items: tuple[_Node, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    function: str
-    target: _Node | None
-    args: tuple[_Node, ...]
-
-
-_Node = _Lit | _Ident | _Select | _Unary | _Binary | _Cond | _List | _Call
-
-_RELATIONS: Final = frozenset({"==", "!=", "<", "<=", ">", ">=", "in"})
-
-
-class _Parser:
-    """Recursive descent over CEL's grammar (cel-spec doc/langdef.md), minus maps and indexing."""
-
-    def __init__(self, source: str) -> None:
-        self.tokens = _tokenize(source)
-        self.index = 0
-
-    def parse(self) -> _Node:
-        node = self.expr()
-        token = self.peek()
-        if token.kind != "end":
-            raise self.unexpected(token, "an operator or end of condition")
-        return node
-
-    def peek(self) -> _Token:
-        return self.tokens[self.index]
-
-    def advance(self) -> _Token:
-        token = self.tokens[self.index]
-        self.index += 1
-        return token
-
-    def accept(self, text: str) -> bool:
-        token = self.peek()
-        if token.kind == "op" and token.text == text:
-            self.index += 1
-            return True
-        if token.kind == "ident" and token.text == text == "in":
-            self.index += 1
-            return True
-        return False
-
-    def expect(self, text: str) -> None:
-        if not self.accept(text):
-            raise self.unexpected(self.peek(), repr(text))
-
-    @staticmethod
-    def unexpected(token: _Token, wanted: str) -> _SyntaxProblem:
-        found = token.text if token.kind == "end" else repr(token.text)
-        return _SyntaxProblem(
-            f"syntax error at column {token.column}: expected {wanted}, found {found}"
-        )
-
-    def expr(self) -> _Node:
-        test = self.binary_level(0)
-        if self.accept("?"):
-            then = self.binary_level(0)
-            self.expect(":")
-            node: _Node = _Cond(test, then, self.expr())
-        else:
-            node = test
-        return node
-
-    _LEVELS: Final = (("||",), ("&&",), tuple(_RELATIONS), ("+", "-"), ("*", "/", "%"))
-
-    def binary_level(self, level: int) -> _Node:
-        if level == len(self._LEVELS):
-            return self.unary()
-        node = self.binary_level(level + 1)
-        while True:
-            token = self.peek()
-            is_op = token.kind == "op" or (token.kind == "ident" and token.text == "in")
-            if not (is_op and token.text in self._LEVELS[level]):
-                return node
-            self.advance()
-            node = _Binary(token.text, node, self.binary_level(level + 1))
-
-    def unary(self) -> _Node:
-        if self.accept("!"):
-            return _Unary("!", self.unary())
-        if self.accept("-"):
-            operand = self.unary()
-            if isinstance(operand, _Lit) and type(operand.value) in (int, float):
-                return _Lit(-operand.value)  # type: ignore[operator]
-            return _Unary("-", operand)
-        return self.member()
-
-    def member(self) -> _Node:
-        node = self.primary()
-        while True:
-            if self.accept("."):
-                token = self.advance()
-                if token.kind != "ident":
-                    raise self.unexpected(token, "a field or method name")
-                if self.accept("("):
-                    node = _Call(token.text, node, self.arguments())
-                else:
-                    node = _Select(node, token.text)
-            elif self.peek().text == "[" and self.peek().kind == "op":
-                raise _SyntaxProblem("index access x[...] is not supported")
-            else:
-                return node
-
-    def arguments(self) -> tuple[_Node, ...]:
-        args: list[_Node] = []
-        if self.accept(")"):
-            return ()
-        while True:
-            args.append(self.expr())
-            if self.accept(")"):
-                return tuple(args)
-            self.expect(",")
-
-    def primary(self) -> _Node:
-        token = self.advance()
-        if token.kind in ("number", "string"):
-            return _Lit(token.value)
-        if token.kind == "ident":
-            if token.text in _KEYWORDS:
-                return _Lit(_KEYWORDS[token.text])
-            if token.text in _RESERVED or token.text == "in":
-                raise _SyntaxProblem(f"reserved word {token.text!r} cannot be used here")
-            if self.accept("("):
-                return _Call(token.text, None, self.arguments())
-            return _Ident(token.text)
-        if token.kind == "op":
-            if token.text == "(":
-                node = self.expr()
-                self.expect(")")
-                return node
-            if token.text == "[":
-                items: list[_Node] = []
-                while not self.accept("]"):
-                    items.append(self.expr())
-                    if not self.accept(","):
-                        self.expect("]")
-                        break
-                return _List(tuple(items))
-            if token.text == "{":
-                raise _SyntaxProblem("map literals {...} are not supported")
-            if token.text == ".":
-                raise _SyntaxProblem("leading-dot names (.x) are not supported")
-        raise self.unexpected(token, "a value, name or '('")
-
-
-#: Deeper conditions are rejected: nobody writes them, and Python's own parser has limits.
-MAX_DEPTH: Final = 100
-
-
-def _depth(node: _Node) -> int:
-    children: tuple[_Node, ...]
-    if isinstance(node, _Select | _Unary):
-        children = (node.operand,)
-    elif isinstance(node, _Binary):
-        children = (node.left, node.right)
-    elif isinstance(node, _Cond):
-        children = (node.test, node.then, node.other)
-    elif isinstance(node, _List):
-        children = node.items
-    elif isinstance(node, _Call):
-        children = node.args if node.target is None else (node.target, *node.args)
-    else:
-        return 1
-    return 1 + max((_depth(child) for child in children), default=0)
-
-
-def _parse(source: str) -> _Node:
-    try:
-        node = _Parser(source).parse()
-        depth = _depth(node)
-    except RecursionError:
-        depth = MAX_DEPTH + 1
-    if depth > MAX_DEPTH:
-        raise _SyntaxProblem(f"condition is nested too deeply: more than {MAX_DEPTH} levels")
-    return node
-
-
-# --------------------------------------------------------------------------------------------
-# Type check and code generation
-
-
-@dataclass(slots=True)
-class _Compiled:
-    """One (sub)condition as Python source, its type, and what a missing variable does to it.
-
-    The three sets are sound, not complete: a variable listed is certain to have that effect.
-    They let the evaluator skip a rule with an identity test instead of raising and catching.
-    """
-
-    code: str
-    type: str  # number | string | bool | null | list[T] | list[any]
-    must: frozenset[str]  # if one of these is missing, evaluating this raises
-    not_true_set: frozenset[str] | None = None  # ... the value is not true (false or raises)
-    not_false_set: frozenset[str] | None = None  # ... the value is not false (true or raises)
-
-    @property
-    def not_true(self) -> frozenset[str]:
-        return self.must if self.not_true_set is None else self.not_true_set
-
-    @property
-    def not_false(self) -> frozenset[str]:
-        return self.must if self.not_false_set is None else self.not_false_set
-
-
-@dataclass(slots=True)
-class _Context:
-    """Shared by every rule of one ruleset: variable locals, regex globals."""
-
-    schema: Schema
-    locals: dict[str, str] = field(default_factory=dict)
-    namespace: dict[str, object] = field(default_factory=dict)
-    referenced: set[str] = field(default_factory=set)
-    tested: set[str] = field(default_factory=set)  # variables some has() looks at
-
-    def variable(self, name: str) -> str:
-        if name not in self.locals:
-            self.locals[name] = f"v{len(self.locals)}"
-        self.referenced.add(name)
-        return self.locals[name]
-
-    def constant(self, value: object) -> str:
-        name = f"k{len(self.namespace)}"
-        self.namespace[name] = value
-        return name
-
-
-_STRING_METHODS: Final = {"startsWith": "startswith", "endsWith": "endswith"}
-
-
-def _describe(node: _Node) -> str:
-    """A short name of a construct for error messages."""
-    if isinstance(node, _Ident):
-        return node.name
-    if isinstance(node, _Select):
-        return f"{_describe(node.operand)}.{node.field}"
-    if isinstance(node, _Lit):
-        return "null" if node.value is None else repr(node.value)
-    if isinstance(node, _Call):
-        prefix = "" if node.target is None else f"{_describe(node.target)}."
-        return f"{prefix}{node.function}(...)"
-    return type(node).__name__.strip("_").lower()
-
-
-def _variable_name(node: _Node, schema: Schema) -> tuple[str, str]:
-    """Resolve a name or ``map.field`` to its dotted name and type."""
-    if isinstance(node, _Ident):
-        if node.name.startswith("__"):
-            raise _SyntaxProblem(f'unknown variable "{node.name}"')
-        kind = schema.get(node.name)
-        if kind is None:
-            raise _SyntaxProblem(f'unknown variable "{node.name}"')
-        if not isinstance(kind, str):
-            raise _SyntaxProblem(
-                f'"{node.name}" is a map: use one of its fields, e.g. "{node.name}.{next(iter(kind), "x")}"'
-            )
-        return node.name, kind
-    assert isinstance(node, _Select)
-    if isinstance(node.operand, _Ident):
-        base = schema.get(node.operand.name)
-        dotted = f"{node.operand.name}.{node.field}"
-        if base is None or node.operand.name.startswith("__"):
-            raise _SyntaxProblem(f'unknown variable "{dotted}"')
-        if isinstance(base, str):
-            raise _SyntaxProblem(f'field access "{dotted}" on {base} "{node.operand.name}"')
-        kind = base.get(node.field)
-        if kind is None or node.field.startswith("__"):
-            raise _SyntaxProblem(f'unknown variable "{dotted}"')
-        return dotted, kind
-    raise _SyntaxProblem(
-        f'field access ".{node.field}" on {_describe(node.operand)} is not supported'
-    )
-
-
-def _both(left: _Compiled, right: _Compiled) -> frozenset[str]:
-    return left.must | right.must
-
-
-def _compile(node: _Node, ctx: _Context) -> _Compiled:
-    if isinstance(node, _Lit):
-        value = node.value
-        if value is None:
-            return _Compiled("None", "null", frozenset())
-        if isinstance(value, bool):
-            return _Compiled(repr(value), "bool", frozenset())
-        if isinstance(value, int | float):
-            return _Compiled(repr(value), "number", frozenset())
-        return _Compiled(repr(value), "string", frozenset())
-    if isinstance(node, _Ident | _Select):
-        name, kind = _variable_name(node, ctx.schema)
-        return _Compiled(ctx.variable(name), kind, frozenset({name}))
-    if isinstance(node, _Unary):
-        operand = _compile(node.operand, ctx)
-        wanted = "bool" if node.op == "!" else "number"
-        if operand.type != wanted:
-            raise _SyntaxProblem(f"operator {node.op} needs a {wanted}, got {operand.type}")
-        if node.op == "-":
-            return _Compiled(f"(-{operand.code})", wanted, operand.must)
-        return _Compiled(
-            f"(not {operand.code})", wanted, operand.must, operand.not_false, operand.not_true
-        )
-    if isinstance(node, _Binary):
-        return _compile_binary(node, ctx)
-    if isinstance(node, _Cond):
-        test, then, other = (_compile(n, ctx) for n in (node.test, node.then, node.other))
-        if test.type != "bool":
-            raise _SyntaxProblem(f"condition of ?: must be a bool, got {test.type}")
-        branches = _common_type(then.type, other.type)
-        if branches is None:
-            raise _SyntaxProblem(
-                f"branches of ?: have different types: {then.type} and {other.type}"
-            )
-        return _Compiled(
-            f"({then.code} if {test.code} else {other.code})",
-            branches,
-            test.must | (then.must & other.must),
-            test.must | (then.not_true & other.not_true),
-            test.must | (then.not_false & other.not_false),
-        )
-    if isinstance(node, _List):
-        items = [_compile(item, ctx) for item in node.items]
-        kind = "any"
-        for item in items:
-            if item.type.startswith("list"):
-                raise _SyntaxProblem("lists of lists are not supported")
-            common = _common_type(kind, item.type)
-            if common is None:
-                raise _SyntaxProblem(f"list mixes {kind} and {item.type} elements")
-            kind = common
-        must = frozenset().union(*(item.must for item in items))
-        codes = ", ".join(item.code for item in items)
-        if all(isinstance(item, _Lit) for item in node.items):
-            trailing = "," if len(items) == 1 else ""
-            return _Compiled(f"({codes}{trailing})", f"list[{kind}]", must)
-        # seq() refuses missing items: a tuple would compare a missing item by identity.
-        return _Compiled(f"seq({codes})", f"list[{kind}]", must)
-    return _compile_call(node, ctx)
-
-
-def _common_type(a: str, b: str) -> str | None:
-    if a == b or b == "any":
-        return a
-    if a == "any":
-        return b
-    return None
-
-
-def _compile_binary(node: _Binary, ctx: _Context) -> _Compiled:
-    left = _compile(node.left, ctx)
-    right = _compile(node.right, ctx)
-    op = node.op
-    pair = f"{left.type} {op} {right.type}"
-    if op in ("&&", "||"):
-        if left.type != "bool" or right.type != "bool":
-            raise _SyntaxProblem(f"operator {op} needs bools, got {pair}")
-        # Python's short-circuit: the left side is always evaluated, the right one maybe.
-        if op == "&&":
-            return _Compiled(
-                f"({left.code} and {right.code})",
-                "bool",
-                left.must,
-                left.not_true | right.not_true,
-                left.must | (left.not_false & right.not_false),
-            )
-        return _Compiled(
-            f"({left.code} or {right.code})",
-            "bool",
-            left.must,
-            left.must | (left.not_true & right.not_true),
-            left.not_false | right.not_false,
-        )
-    if op in ("==", "!="):
-        if not (left.type == right.type or "null" in (left.type, right.type)):
-            raise _SyntaxProblem(f"cannot compare {pair}")
-        return _Compiled(f"({left.code} {op} {right.code})", "bool", _both(left, right))
-    if op in ("<", "<=", ">", ">="):
-        if left.type != right.type or left.type not in ("number", "string"):
-            raise _SyntaxProblem(f"cannot order {pair}")
-        return _Compiled(f"({left.code} {op} {right.code})", "bool", _both(left, right))
-    if op == "in":
-        if not right.type.startswith("list["):
-            raise _SyntaxProblem(f"right side of 'in' must be a list, got {right.type}")
-        element = right.type[5:-1]
-        if _common_type(left.type, element) is None:
-            raise _SyntaxProblem(f"cannot look for a {left.type} in a list of {element}")
-        literals = isinstance(node.right, _List) and all(
-            isinstance(item, _Lit) and item.value is not None for item in node.right.items
-        )
-        if literals and node.right.items:  # type: ignore[union-attr]
-            # A constant set: hashed lookup, folded to a frozenset constant by CPython.
-            container = "{" + right.code[1:-1].rstrip(",") + "}"
-        elif literals:
-            container = "NOTHING"  # hashes the left side, so a missing one still counts as touched
-        else:
-            container = right.code
-        return _Compiled(f"({left.code} in {container})", "bool", _both(left, right))
-    # arithmetic
-    if op == "+" and left.type == right.type and left.type in ("string", "number"):
-        return _Compiled(f"({left.code} + {right.code})", left.type, _both(left, right))
-    if op == "+" and left.type.startswith("list[") and right.type.startswith("list["):
-        kind = _common_type(left.type[5:-1], right.type[5:-1])
-        if kind is None:
-            raise _SyntaxProblem(f"cannot add {pair}")
-        return _Compiled(f"({left.code} + {right.code})", f"list[{kind}]", _both(left, right))
-    if left.type != "number" or right.type != "number":
-        raise _SyntaxProblem(f"operator {op} needs numbers, got {pair}")
-    if op == "%":
-        return _Compiled(f"fmod({left.code}, {right.code})", "number", _both(left, right))
-    return _Compiled(f"({left.code} {op} {right.code})", "number", _both(left, right))
-
-
-def _compile_call(node: _Call, ctx: _Context) -> _Compiled:
-    name = node.function
-    if name == "has" and node.target is None:
-        if len(node.args) != 1 or not isinstance(node.args[0], _Ident | _Select):
-            raise _SyntaxProblem("has() takes one field, e.g. has(by_customer.seconds_since_last)")
-        variable, _ = _variable_name(node.args[0], ctx.schema)
-        ctx.tested.add(variable)
-        return _Compiled(f"({ctx.variable(variable)} is not M)", "bool", frozenset())
-    if name == "size":
-        operands = ([node.target] if node.target is not None else []) + list(node.args)
-        if len(operands) != 1:
-            raise _SyntaxProblem("size() takes one string or list")
-        operand = _compile(operands[0], ctx)
-        if operand.type != "string" and not operand.type.startswith("list["):
-            raise _SyntaxProblem(f"size() needs a string or list, got {operand.type}")
-        return _Compiled(f"len({operand.code})", "number", operand.must)
-    if name in ("startsWith", "endsWith", "contains", "matches") and node.target is not None:
-        target = _compile(node.target, ctx)
-        if len(node.args) != 1:
-            raise _SyntaxProblem(f"{name}() takes one string argument")
-        arg = _compile(node.args[0], ctx)
-        if target.type != "string" or arg.type != "string":
-            raise _SyntaxProblem(f"{name}() needs strings, got {target.type}.{name}({arg.type})")
-        must = _both(target, arg)
-        if name == "contains":
-            return _Compiled(f"({arg.code} in {target.code})", "bool", must)
-        if name == "matches":
-            pattern = node.args[0]
-            if not isinstance(pattern, _Lit):
-                raise _SyntaxProblem("matches() needs a literal pattern")
-            try:
-                regex = re.compile(str(pattern.value))
-            except re.error as error:
-                raise _SyntaxProblem(f"bad regular expression {pattern.value!r}: {error}") from None
-            search = ctx.constant(regex.search)
-            return _Compiled(f"({search}({target.code}) is not None)", "bool", target.must)
-        method = _STRING_METHODS[name]
-        return _Compiled(f"{target.code}.{method}({arg.code})", "bool", must)
-    if node.target is not None:
-        _compile(node.target, ctx)  # report a problem inside the target first
-    form = f"{_describe(node.target)}.{name}()" if node.target is not None else f"{name}()"
-    raise _SyntaxProblem(f"unsupported function {form}")
-
-
-# --------------------------------------------------------------------------------------------
-# Descriptions
-
-_PLACEHOLDER_RE: Final = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
-
-
-def _format_value(value: object) -> str:
-    if value is None or value is _MISSING:
-        return "n/a"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return f"{value:.2f}"
-    return str(value)
-
-
-def _template(description: str, schema: Schema) -> tuple[tuple[str | None, str], ...]:
-    """Split a description into (variable or None, literal text) parts; checks the names."""
-    parts: list[tuple[str | None, str]] = []
-    position = 0
-    for match in _PLACEHOLDER_RE.finditer(description):
-        text = description[position : match.start()]
-        position = match.end()
-        token = match.group()
-        if token in ("{{", "}}"):
-            parts.append((None, text + token[0]))
-            continue
-        name = match.group(1).strip()
-        node = _Parser(name).parse() if name else None
-        if not isinstance(node, _Ident | _Select):
-            raise _SyntaxProblem(f"description: placeholder {token} is not a variable name")
-        variable, _ = _variable_name(node, schema)
-        parts.append((None, text))
-        parts.append((variable, ""))
-    parts.append((None, description[position:]))
-    return tuple((name, text) for name, text in parts if name is not None or text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -919,12 +231,12 @@ def _check_schema(schema: Schema) -> None:
             raise ValueError(f"schema: {name!r} is not a valid variable name")
         fields = {name: kind} if isinstance(kind, str) else kind
         for field_name, field_kind in fields.items():
-            if field_kind not in _SCALAR_TYPES or not re.fullmatch(
+            if field_kind not in SCALAR_TYPES or not re.fullmatch(
                 r"[A-Za-z_][A-Za-z0-9_]*", field_name
             ):
                 raise ValueError(
                     f"schema: {name}.{field_name}: type must be one of "
-                    f"{sorted(_SCALAR_TYPES)}, got {field_kind!r}"
+                    f"{sorted(SCALAR_TYPES)}, got {field_kind!r}"
                 )
 
 
@@ -961,8 +273,8 @@ def parse_ruleset(text: str, schema: Schema, *, source: str = "<rules>") -> Rule
     if not isinstance(entries, list):
         problems.append(f"{source}: rules: must be a list of rules, got {type(entries).__name__}")
         entries = []
-    ctx = _Context(schema)
-    compiled: list[tuple[Rule, _Compiled, tuple[tuple[str | None, str], ...]]] = []
+    ctx = Context(schema)
+    compiled: list[tuple[Rule, Compiled, tuple[tuple[str | None, str], ...]]] = []
     seen: set[str] = set()
     for number, entry in enumerate(entries, start=1):
         rule_problems: list[str] = []
@@ -999,23 +311,23 @@ def parse_ruleset(text: str, schema: Schema, *, source: str = "<rules>") -> Rule
             rule_problems.append(f"shadow: must be true or false, got {shadow!r}")
         condition = entry.get("condition")
         description = entry.get("description")
-        result: _Compiled | None = None
+        result: Compiled | None = None
         template: tuple[tuple[str | None, str], ...] = ()
         before = set(ctx.referenced)
         ctx.referenced.clear()
         if isinstance(condition, str):
             try:
-                result = _compile(_parse(condition), ctx)
+                result = compile_node(parse(condition), ctx)
                 if result.type != "bool":
                     rule_problems.append(f"condition must be a bool, got {result.type}")
-            except _SyntaxProblem as problem:
+            except SyntaxProblem as problem:
                 rule_problems.append(str(problem))
         variables = frozenset(ctx.referenced)
         ctx.referenced.update(before)
         if isinstance(description, str):
             try:
-                template = _template(description, schema)
-            except _SyntaxProblem as problem:
+                template = compile_template(description, schema)
+            except SyntaxProblem as problem:
                 rule_problems.append(str(problem))
         problems.extend(f"{source}: {label}: {problem}" for problem in rule_problems)
         if rule_problems or result is None:
@@ -1032,8 +344,8 @@ def parse_ruleset(text: str, schema: Schema, *, source: str = "<rules>") -> Rule
 
 def _build(
     version: str,
-    compiled: list[tuple[Rule, _Compiled, tuple[tuple[str | None, str], ...]]],
-    ctx: _Context,
+    compiled: list[tuple[Rule, Compiled, tuple[tuple[str | None, str], ...]]],
+    ctx: Context,
     source: str,
 ) -> Ruleset:
     """Generate, compile and wrap the evaluator of a checked ruleset."""
@@ -1110,13 +422,13 @@ def _build(
     code = "\n".join(lines) + "\n"
     namespace: dict[str, object] = {
         "__builtins__": {},
-        "M": _MISSING,
+        "M": MISSING,
         "EMPTY": {},
-        "ERRORS": _EVAL_ERRORS,
+        "ERRORS": EVAL_ERRORS,
         "fmod": math.fmod,
         "len": len,
-        "fmt": _format_value,
-        "seq": _sequence,
+        "fmt": format_value,
+        "seq": sequence,
         "NOTHING": frozenset(),
         "Hit": Hit,
         "new": tuple.__new__,  # Hit's fields in order, minus NamedTuple's Python-level __new__
