@@ -25,7 +25,11 @@ def build_service(settings: Settings, sink: VerdictSink | None = None) -> Servic
         ConfigError: a setting is unusable.
         StoreUnavailable: the configured state store cannot be reached.
     """
-    for topic in (settings.results_topic, settings.dead_letter_topic):
+    for topic in (
+        settings.results_topic,
+        settings.dead_letter_topic,
+        settings.feedback_dead_letter_topic,
+    ):
         settings.topic_path(topic)
     detector = build_detector(settings.detector)
     if detector.store is not None:

@@ -215,7 +215,11 @@ class Service:
         try:
             message = parse_envelope(envelope)
         except InvalidMessage as error:
-            self.dead_letter(Message(data=orjson.dumps(envelope, default=str)), error)
+            self.dead_letter(
+                Message(data=orjson.dumps(envelope, default=str)),
+                error,
+                self.settings.feedback_dead_letter_topic,
+            )
             return None
         from pydantic import ValidationError
 
@@ -226,7 +230,9 @@ class Service:
                 f"{'.'.join(map(str, item['loc'])) or 'data'}: {item['msg']}"
                 for item in error.errors()
             )
-            self.dead_letter(message, InvalidLabel(problems))
+            self.dead_letter(
+                message, InvalidLabel(problems), self.settings.feedback_dead_letter_topic
+            )
             return None
         recorded = self.detector.record_label(label.transaction_id, label.is_fraud)
         if recorded is None:
@@ -242,8 +248,12 @@ class Service:
         )
         return outcome
 
-    def dead_letter(self, message: Message, error: MessageError) -> None:
-        """Publish a message that can never succeed, unchanged, with why it failed."""
+    def dead_letter(self, message: Message, error: MessageError, topic: str | None = None) -> None:
+        """Publish a message that can never succeed, unchanged, with why it failed.
+
+        Args:
+            topic: the dead-letter topic; the transactions' (DEAD_LETTER_TOPIC) by default.
+        """
         attributes = dict(message.attributes)
         attributes.update(
             error_type=error.error_type,
@@ -251,7 +261,9 @@ class Service:
             message_id=message.message_id or "",
         )
         self.sink.publish(
-            self.settings.topic_path(self.settings.dead_letter_topic), message.data, attributes
+            self.settings.topic_path(topic or self.settings.dead_letter_topic),
+            message.data,
+            attributes,
         )
         log.warning(
             "dead-lettered message %s: %s",

@@ -9,10 +9,16 @@ from dataclasses import dataclass, field
 from detector.config import DetectorConfig
 from detector.errors import ConfigError
 
-__all__ = ["DEFAULT_DEAD_LETTER_TOPIC", "DEFAULT_RESULTS_TOPIC", "Settings"]
+__all__ = [
+    "DEFAULT_DEAD_LETTER_TOPIC",
+    "DEFAULT_FEEDBACK_DEAD_LETTER_TOPIC",
+    "DEFAULT_RESULTS_TOPIC",
+    "Settings",
+]
 
 DEFAULT_RESULTS_TOPIC = "fraud-verdicts"
 DEFAULT_DEAD_LETTER_TOPIC = "transactions-dead-letter"
+DEFAULT_FEEDBACK_DEAD_LETTER_TOPIC = "fraud-feedback-dead-letter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +28,10 @@ class Settings:
     Attributes:
         project: Google Cloud project of the topics (GOOGLE_CLOUD_PROJECT, else GCP_PROJECT).
         results_topic: topic verdicts are published to (RESULTS_TOPIC).
-        dead_letter_topic: topic invalid messages are published to (DEAD_LETTER_TOPIC).
+        dead_letter_topic: topic invalid transactions are published to (DEAD_LETTER_TOPIC).
+        feedback_dead_letter_topic: topic invalid labels are published to
+            (FEEDBACK_DEAD_LETTER_TOPIC), apart from transactions so each can be redriven to
+            its own source.
         publish_timeout: seconds to wait for a publish before failing the message
             (PUBLISH_TIMEOUT), kept below the function's own timeout (60 s by default).
         detector: rules, model and state store (RULES_FILE, MODEL_PATH, REDIS_URL).
@@ -31,6 +40,7 @@ class Settings:
     project: str
     results_topic: str = DEFAULT_RESULTS_TOPIC
     dead_letter_topic: str = DEFAULT_DEAD_LETTER_TOPIC
+    feedback_dead_letter_topic: str = DEFAULT_FEEDBACK_DEAD_LETTER_TOPIC
     publish_timeout: float = 30.0
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
@@ -56,6 +66,8 @@ class Settings:
             project=project,
             results_topic=env.get("RESULTS_TOPIC") or DEFAULT_RESULTS_TOPIC,
             dead_letter_topic=env.get("DEAD_LETTER_TOPIC") or DEFAULT_DEAD_LETTER_TOPIC,
+            feedback_dead_letter_topic=env.get("FEEDBACK_DEAD_LETTER_TOPIC")
+            or DEFAULT_FEEDBACK_DEAD_LETTER_TOPIC,
             publish_timeout=timeout,
             detector=DetectorConfig.from_env(env),
         )

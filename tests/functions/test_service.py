@@ -180,10 +180,10 @@ def test_http_rejects_invalid_transactions_with_the_field(service: Service) -> N
 
 
 def test_invalid_labels_are_dead_lettered(service: Service, sink: MemoryVerdictSink) -> None:
-    """A feedback message that is not a label goes to the dead-letter topic."""
+    """A feedback message that is not a label goes to the labels' own dead-letter topic."""
     assert service.on_label(envelope(b'{"transaction_id": "t1", "is_fraud": "yes"}')) is None
     [(topic, _, attributes)] = sink.messages
-    assert topic == DEAD
+    assert topic == "projects/fraud-test/topics/fraud-feedback-dead-letter"
     assert attributes["error_type"] == "invalid_label"
     assert "is_fraud" in attributes["error"]
 
