@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 NATIVE_MODULES = $(subst /,.,$(basename $(shell find detector -name '_*.c')))
 IMPORT_ALL = $(BIN)/python -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
 
-.PHONY: venv native native-check demo up test lint typecheck schemas clean
+.PHONY: venv native native-check demo up test lint typecheck schemas wheel clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ typecheck: venv
 schemas: venv
 	$(BIN)/python -m detector schemas
 
+## The package, as pip installs it elsewhere: dist/pubsub_fraud_detector-*.whl
+## (tests/test_wheel.py builds one and uses it from a fresh environment: pytest -m wheel).
+wheel: venv
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+
 clean:
-	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache build/temp.*
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
 	find detector -name '*.so' -delete
