@@ -1,26 +1,29 @@
-"""Builds the optional C extension (`make native`); everything else is plain Python.
+"""Builds the optional C extensions (`make native`); everything else is plain Python.
 
-`detector.model._forest` walks the tree model in C; `detector.state._history` holds the memory store's
-entity histories in C arrays. Without them `detector.model` and `detector.state` do the same
-in Python with the same results, as a Cloud Functions upload does.
+`_forest` walks the tree model in C; `_history` holds the memory store's entity histories in
+C arrays. Without them the model and the state store do the same in Python with the same
+results, as a Cloud Functions upload does. Every `_*.c` file under detector/ is one extension
+module named after its path (`detector/model/_forest.c` is `detector.model._forest`), so the
+sources can move between subpackages without an edit here. The rest of the package
+(dependencies, data, commands) is declared in pyproject.toml.
 """
 
+from pathlib import Path
+
 from setuptools import Extension, setup
+
+# setuptools wants source paths relative to this file, and runs with it as working directory.
+SOURCES = sorted(Path("detector").glob("**/_*.c"))
 
 setup(
     ext_modules=[
         Extension(
-            "detector.model._forest",
-            ["detector/model/_forest.c"],
+            ".".join(source.with_suffix("").parts),
+            [source.as_posix()],
             # Plain IEEE double arithmetic, as in Python: no fused multiply-add.
             extra_compile_args=["-O2", "-ffp-contract=off"],
             optional=True,
-        ),
-        Extension(
-            "detector.state._history",
-            ["detector/state/_history.c"],
-            extra_compile_args=["-O2", "-ffp-contract=off"],
-            optional=True,
-        ),
+        )
+        for source in SOURCES
     ]
 )

