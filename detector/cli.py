@@ -69,7 +69,10 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m detector", description=__doc__.split("\n")[0])
+    # `python -m detector` or the installed `fraud-detector` command, as it was called.
+    called = Path(sys.argv[0]).name
+    prog = "python -m detector" if called in ("__main__.py", "-c", "") else called
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(commands)
