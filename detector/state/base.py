@@ -226,6 +226,18 @@ class StateStore(Protocol):
         """
         ...
 
+    def observe_many(
+        self, events: Sequence[Event], needed: frozenset[str] | None = None
+    ) -> list[Features]:
+        """`observe` of each event in order, in one call (one round trip to a remote store).
+
+        Each event's features cover the events before it in the list as `observe` would.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached; nothing was recorded.
+        """
+        ...
+
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         """Apply a fraud label to a recorded transaction (see `LabelOutcome`).
 

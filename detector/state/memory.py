@@ -791,6 +791,12 @@ class MemoryStore:
                 labels.pop(txid, None)
         return True
 
+    def observe_many(
+        self, events: Sequence[Event], needed: frozenset[str] | None = None
+    ) -> list[Features]:
+        """See `detector.state.base.StateStore.observe_many`."""
+        return [self.observe(event, needed) for event in events]
+
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         """See `StateStore.record_label`."""
         with self._lock:

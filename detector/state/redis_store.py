@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -364,6 +364,12 @@ class RedisStore:
             at += 1
             features[kind] = base.select(self._builder.build(kind, event.amount, raws, gap), needed)
         return features
+
+    def observe_many(
+        self, events: Sequence[Event], needed: frozenset[str] | None = None
+    ) -> list[Features]:
+        """See `detector.state.base.StateStore.observe_many`."""
+        return [self.observe(event, needed) for event in events]
 
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         """See `detector.state.StateStore.record_label`."""
