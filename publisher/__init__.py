@@ -1,5 +1,5 @@
 """Simulated payment traffic for the fraud detector, and a watcher of its verdicts.
 
-`python -m publisher simulate|replay|watch --help` for the command line;
+`python -m publisher simulate|republish|watch --help` for the command line;
 `publisher.simulate.generate(config)` / `records(config)` for the Python API.
 """

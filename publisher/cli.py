@@ -1,4 +1,4 @@
-"""Command line: `python -m publisher simulate | replay | watch`.
+"""Command line: `python -m publisher simulate | republish | watch`.
 
 The edge of the package: parses options into typed settings, reads the environment once
 (GOOGLE_CLOUD_PROJECT; PUBSUB_EMULATOR_HOST is read by the Pub/Sub client itself), wires the
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     pace = sim.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
     pace.add_argument(
-        "--speedup", type=_positive_float, help="replay event time X times faster than real"
+        "--speedup", type=_positive_float, help="play event time X times faster than real"
     )
     sim.add_argument("--out", type=Path, help="write JSON lines here instead of publishing")
     sim.add_argument("--labels", type=Path, help="write ground-truth labels (JSON lines) here")
@@ -161,13 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--publisher", choices=("batch", "library"), default="batch", help=PUBLISHER_HELP
     )
 
-    rep = commands.add_parser("replay", help="publish a recorded JSON-lines file")
-    rep.add_argument("file", type=Path, metavar="FILE.jsonl")
-    rep.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")
-    rep.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
-    rep.add_argument("--count", type=_positive_int, help="stop after N messages")
-    rep.add_argument("--project", help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
-    rep.add_argument(
+    repub = commands.add_parser(
+        "republish",
+        help="publish a recorded JSON-lines file to a topic, one message per line",
+        description="Publish each line of a recorded JSON-lines file (as simulate --out writes "
+        "it) as one message. Not a backtest: `python -m detector replay` runs the detector "
+        "over a file.",
+    )
+    repub.add_argument("file", type=Path, metavar="FILE.jsonl")
+    repub.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")
+    repub.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
+    repub.add_argument("--count", type=_positive_int, help="stop after N messages")
+    repub.add_argument("--project", help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
+    repub.add_argument(
         "--publisher", choices=("batch", "library"), default="batch", help=PUBLISHER_HELP
     )
 
@@ -376,7 +382,7 @@ def _count_lines(path: Path) -> int | None:
         return None
 
 
-def run_replay(args: argparse.Namespace, env: Environment) -> int:
+def run_republish(args: argparse.Namespace, env: Environment) -> int:
     if not args.file.is_file():
         raise InputError(f"FILE.jsonl: {args.file} does not exist or is not a file")
     publisher = make_publisher(args.publisher, _project(args, env), env.emulator_host)
@@ -386,7 +392,7 @@ def run_replay(args: argparse.Namespace, env: Environment) -> int:
         if args.count and total:
             total = min(total, args.count)
         options = StreamOptions(
-            count=args.count, pacer=_pacer(args), progress=Progress("replay", total)
+            count=args.count, pacer=_pacer(args), progress=Progress("republish", total)
         )
         summary = stream(read_messages(args.file), publisher.topic(where), options)
         publisher.wait()
@@ -450,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
     env = Environment.read()
-    commands = {"simulate": run_simulate, "replay": run_replay, "watch": run_watch}
+    commands = {"simulate": run_simulate, "republish": run_republish, "watch": run_watch}
     try:
         return commands[args.command](args, env)
     except PublisherError as error:

@@ -123,10 +123,21 @@ def test_missing_project_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(result, "--project", "GOOGLE_CLOUD_PROJECT")
 
 
-def test_replay_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
-    """replay names the file it cannot find."""
-    result = run("replay", str(tmp_path / "nope.jsonl"), "--project", "p")
+def test_republish_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    """republish names the file it cannot find."""
+    result = run("republish", str(tmp_path / "nope.jsonl"), "--project", "p")
     assert_one_line_error(result, "nope.jsonl", "does not exist")
+
+
+def test_replay_is_not_a_publisher_command(tmp_path: Path) -> None:
+    """The old verb is refused as any unknown command is; the backtest is the detector's."""
+    recorded = tmp_path / "recorded.jsonl"
+    recorded.write_text('{"amount": 1, "customer_id": "c"}\n')
+    result = run("replay", str(recorded), "--project", "p")
+    assert_one_line_error(result, "invalid choice: 'replay'", "'republish'")
+    assert result.returncode == 2
+    listed = run("--help")
+    assert "republish" in listed.stdout and "replay" not in listed.stdout
 
 
 def test_watch_with_a_bad_labels_file_is_one_line(tmp_path: Path) -> None:
@@ -150,7 +161,7 @@ def test_help_lists_the_contract_options() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("command", ["simulate", "replay", "watch"])
+@pytest.mark.parametrize("command", ["simulate", "republish", "watch"])
 def test_unreachable_emulator_is_one_line(command: str, tmp_path: Path) -> None:
     """A PUBSUB_EMULATOR_HOST where nothing listens is named in the error, for each command."""
     host = f"127.0.0.1:{services.free_port()}"
@@ -158,7 +169,7 @@ def test_unreachable_emulator_is_one_line(command: str, tmp_path: Path) -> None:
     recorded.write_text('{"amount": 1, "customer_id": "c"}\n')
     args = {
         "simulate": ["simulate", *SMALL],
-        "replay": ["replay", str(recorded)],
+        "republish": ["republish", str(recorded)],
         "watch": ["watch", "--subscription", "verdicts"],
     }[command]
     result = run(*args, "--project", "p", env={"PUBSUB_EMULATOR_HOST": host})
