@@ -37,7 +37,7 @@ from publisher.publish import (
     make_publisher,
     stream,
 )
-from publisher.simulate import SimulationConfig, records, write_jsonl
+from publisher.simulate import TERMINALS_PER_MERCHANT, SimulationConfig, records, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--customers", type=_positive_int, default=5_000, help="default 5000")
     sim.add_argument("--terminals", type=_positive_int, default=10_000, help="default 10000")
     sim.add_argument("--days", type=_positive_int, default=183, help="default 183")
+    sim.add_argument(
+        "--merchants",
+        type=_non_negative_int,
+        help="merchants running the terminals, a few large chains and many small shops "
+        f"(at most --terminals; default one per {TERMINALS_PER_MERCHANT} terminals; "
+        "0: transactions carry no merchant)",
+    )
     sim.add_argument("--start", type=_date, default=dt.date(2018, 4, 1), help="default 2018-04-01")
     sim.add_argument(
         "--from-day",
@@ -244,6 +251,7 @@ def run_simulate(args: argparse.Namespace, env: Environment) -> int:
         days=args.days,
         start=args.start,
         from_day=args.from_day,
+        merchants=args.merchants,
     )
     wants_feedback = args.feedback_topic is not None or args.label_delay is not None
     if args.out is not None and wants_feedback:

@@ -62,6 +62,21 @@ def test_paced_and_unpaced_files_are_identical(tmp_path: Path) -> None:
     assert len((tmp_path / "labels.jsonl").read_bytes().splitlines()) == 700
 
 
+def test_merchants_option_sets_the_number_of_merchants(tmp_path: Path) -> None:
+    """--merchants N names N merchants; 0 writes the stream without merchant fields."""
+    few, none = tmp_path / "few.jsonl", tmp_path / "none.jsonl"
+    assert run("simulate", *SMALL, "--merchants", "4", "--out", str(few)).returncode == 0
+    assert run("simulate", *SMALL, "--merchants", "0", "--out", str(none)).returncode == 0
+    with_merchants = [orjson.loads(line) for line in few.read_bytes().splitlines()]
+    without = [orjson.loads(line) for line in none.read_bytes().splitlines()]
+    assert {tx["merchant"] for tx in with_merchants} == {f"merch-0000{i}" for i in range(4)}
+    for tx in with_merchants:
+        del tx["merchant"], tx["merchant_category"]
+    assert with_merchants == without
+    result = run("simulate", *SMALL, "--merchants", "401", "--out", str(few))
+    assert_one_line_error(result, "merchants: must be in [0, 400] (terminals), got 401")
+
+
 def test_start_and_seed_options_change_the_output(tmp_path: Path) -> None:
     """--start moves the timestamps; --seed changes the draws."""
     out = tmp_path / "out.jsonl"
@@ -154,7 +169,7 @@ def test_help_lists_the_contract_options() -> None:
     assert result.returncode == 0
     for option in (
         "--seed", "--customers", "--terminals", "--days", "--start", "--count", "--duration",
-        "--rate", "--speedup", "--out", "--labels", "--label-delay", "--topic",
+        "--rate", "--speedup", "--out", "--labels", "--label-delay", "--topic", "--merchants",
         "--feedback-topic", "--project",
     ):  # fmt: skip
         assert option in result.stdout
