@@ -184,7 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--publisher", choices=("batch", "library"), default="batch", help=PUBLISHER_HELP
     )
 
-    wat = commands.add_parser("watch", help="count verdicts, delays and accuracy")
+    wat = commands.add_parser(
+        "watch",
+        help="live and final figures of the verdicts: decisions, delay, accuracy",
+        description="Pull verdicts from a subscription, show rate, decisions, lag and (with "
+        "--labels) frauds caught while they come, and print a final report: decisions, "
+        "precision and recall for block and for block-or-review, frauds caught and missed by "
+        "scenario, fraud amount stopped and let through, the rules that fired most, delay "
+        "percentiles.",
+    )
     wat.add_argument("--subscription", required=True, help="a subscription to the verdict topic")
     wat.add_argument("--labels", type=Path, help="labels file from simulate --labels")
     wat.add_argument("--count", type=_positive_int, help="stop after N verdicts")
@@ -193,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=10.0,
         help="stop after SECONDS without a verdict (default 10)",
+    )
+    wat.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=5.0,
+        help="seconds between lines of live figures when the output is not a terminal "
+        "(on a terminal they are redrawn in place; default 5)",
     )
     wat.add_argument("--json", action="store_true", help="print the report as JSON")
     wat.add_argument("--project", help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
@@ -411,18 +426,24 @@ def run_republish(args: argparse.Namespace, env: Environment) -> int:
 
 
 def run_watch(args: argparse.Namespace, env: Environment) -> int:
-    from publisher.watch import WatchOptions, format_report, load_labels, watch
+    from publisher.display import LiveView, format_report
+    from publisher.labels import load_labels
+    from publisher.report import Tally
+    from publisher.watch import WatchOptions, watch
 
     options = WatchOptions(count=args.count, idle_timeout=args.idle_timeout)
-    labels = load_labels(args.labels) if args.labels is not None else None
-    tally, stopped_by, seconds = watch(
-        _project(args, env),
-        args.subscription,
-        options,
-        emulator_host=env.emulator_host,
-        progress=Progress("watch", args.count),
-    )
-    report = tally.report(labels, stopped_by, seconds)
+    tally = Tally(load_labels(args.labels) if args.labels is not None else None)
+    # Live figures go where the report goes, unless the report is JSON for a program.
+    with LiveView(sys.stderr if args.json else sys.stdout, interval=args.interval) as view:
+        stopped_by, seconds = watch(
+            _project(args, env),
+            args.subscription,
+            options,
+            tally,
+            emulator_host=env.emulator_host,
+            display=view,
+        )
+    report = {**tally.summary(), "stopped_by": stopped_by, "seconds": round(seconds, 3)}
     if args.json:
         print(orjson.dumps(report).decode())
     else:

@@ -52,6 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from publisher.errors import ConfigError
+from publisher.labels import label_json
 
 SECONDS_PER_DAY = 86_400
 BOOK_CUSTOMERS = 5_000
@@ -452,13 +453,6 @@ class DayBatch:
             SimulatedTransaction(tid, event_time, data, bool(scenario), scenario or None)
             for tid, data, event_time, scenario in rows
         ]
-
-
-def label_json(tid: str, is_fraud: bool, scenario: int | None) -> bytes:
-    """A label line: {"transaction_id", "is_fraud", "scenario"} (scenario null if genuine)."""
-    fraud = "true" if is_fraud else "false"
-    number = "null" if scenario is None else str(scenario)
-    return f'{{"transaction_id":"{tid}","is_fraud":{fraud},"scenario":{number}}}'.encode()
 
 
 def transaction_id(index: int) -> str:
