@@ -1,4 +1,4 @@
-"""Command line: `python -m publisher simulate | replay | watch`.
+"""Command line: `python -m publisher simulate | republish | watch`.
 
 The edge of the package: parses options into typed settings, reads the environment once
 (GOOGLE_CLOUD_PROJECT; PUBSUB_EMULATOR_HOST is read by the Pub/Sub client itself), wires the
@@ -37,7 +37,7 @@ from publisher.publish import (
     make_publisher,
     stream,
 )
-from publisher.simulate import SimulationConfig, records, write_jsonl
+from publisher.simulate import TERMINALS_PER_MERCHANT, SimulationConfig, records, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--customers", type=_positive_int, default=5_000, help="default 5000")
     sim.add_argument("--terminals", type=_positive_int, default=10_000, help="default 10000")
     sim.add_argument("--days", type=_positive_int, default=183, help="default 183")
+    sim.add_argument(
+        "--merchants",
+        type=_non_negative_int,
+        help="merchants running the terminals, a few large chains and many small shops "
+        f"(at most --terminals; default one per {TERMINALS_PER_MERCHANT} terminals; "
+        "0: transactions carry no merchant)",
+    )
     sim.add_argument("--start", type=_date, default=dt.date(2018, 4, 1), help="default 2018-04-01")
     sim.add_argument(
         "--from-day",
@@ -141,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     pace = sim.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
     pace.add_argument(
-        "--speedup", type=_positive_float, help="replay event time X times faster than real"
+        "--speedup", type=_positive_float, help="play event time X times faster than real"
     )
     sim.add_argument("--out", type=Path, help="write JSON lines here instead of publishing")
     sim.add_argument("--labels", type=Path, help="write ground-truth labels (JSON lines) here")
@@ -161,17 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--publisher", choices=("batch", "library"), default="batch", help=PUBLISHER_HELP
     )
 
-    rep = commands.add_parser("replay", help="publish a recorded JSON-lines file")
-    rep.add_argument("file", type=Path, metavar="FILE.jsonl")
-    rep.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")
-    rep.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
-    rep.add_argument("--count", type=_positive_int, help="stop after N messages")
-    rep.add_argument("--project", help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
-    rep.add_argument(
+    repub = commands.add_parser(
+        "republish",
+        help="publish a recorded JSON-lines file to a topic, one message per line",
+        description="Publish each line of a recorded JSON-lines file (as simulate --out writes "
+        "it) as one message. Not a backtest: `python -m detector replay` runs the detector "
+        "over a file.",
+    )
+    repub.add_argument("file", type=Path, metavar="FILE.jsonl")
+    repub.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")
+    repub.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
+    repub.add_argument("--count", type=_positive_int, help="stop after N messages")
+    repub.add_argument("--project", help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
+    repub.add_argument(
         "--publisher", choices=("batch", "library"), default="batch", help=PUBLISHER_HELP
     )
 
-    wat = commands.add_parser("watch", help="count verdicts, delays and accuracy")
+    wat = commands.add_parser(
+        "watch",
+        help="live and final figures of the verdicts: decisions, delay, accuracy",
+        description="Pull verdicts from a subscription, show rate, decisions, lag and (with "
+        "--labels) frauds caught while they come, and print a final report: decisions, "
+        "precision and recall for block and for block-or-review, frauds caught and missed by "
+        "scenario, fraud amount stopped and let through, the rules that fired most, delay "
+        "percentiles.",
+    )
     wat.add_argument("--subscription", required=True, help="a subscription to the verdict topic")
     wat.add_argument("--labels", type=Path, help="labels file from simulate --labels")
     wat.add_argument("--count", type=_positive_int, help="stop after N verdicts")
@@ -180,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=10.0,
         help="stop after SECONDS without a verdict (default 10)",
+    )
+    wat.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=5.0,
+        help="seconds between lines of live figures when the output is not a terminal "
+        "(on a terminal they are redrawn in place; default 5)",
     )
     wat.add_argument("--json", action="store_true", help="print the report as JSON")
     wat.add_argument("--project", help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
@@ -238,6 +266,7 @@ def run_simulate(args: argparse.Namespace, env: Environment) -> int:
         days=args.days,
         start=args.start,
         from_day=args.from_day,
+        merchants=args.merchants,
     )
     wants_feedback = args.feedback_topic is not None or args.label_delay is not None
     if args.out is not None and wants_feedback:
@@ -376,7 +405,7 @@ def _count_lines(path: Path) -> int | None:
         return None
 
 
-def run_replay(args: argparse.Namespace, env: Environment) -> int:
+def run_republish(args: argparse.Namespace, env: Environment) -> int:
     if not args.file.is_file():
         raise InputError(f"FILE.jsonl: {args.file} does not exist or is not a file")
     publisher = make_publisher(args.publisher, _project(args, env), env.emulator_host)
@@ -386,7 +415,7 @@ def run_replay(args: argparse.Namespace, env: Environment) -> int:
         if args.count and total:
             total = min(total, args.count)
         options = StreamOptions(
-            count=args.count, pacer=_pacer(args), progress=Progress("replay", total)
+            count=args.count, pacer=_pacer(args), progress=Progress("republish", total)
         )
         summary = stream(read_messages(args.file), publisher.topic(where), options)
         publisher.wait()
@@ -397,18 +426,24 @@ def run_replay(args: argparse.Namespace, env: Environment) -> int:
 
 
 def run_watch(args: argparse.Namespace, env: Environment) -> int:
-    from publisher.watch import WatchOptions, format_report, load_labels, watch
+    from publisher.display import LiveView, format_report
+    from publisher.labels import load_labels
+    from publisher.report import Tally
+    from publisher.watch import WatchOptions, watch
 
     options = WatchOptions(count=args.count, idle_timeout=args.idle_timeout)
-    labels = load_labels(args.labels) if args.labels is not None else None
-    tally, stopped_by, seconds = watch(
-        _project(args, env),
-        args.subscription,
-        options,
-        emulator_host=env.emulator_host,
-        progress=Progress("watch", args.count),
-    )
-    report = tally.report(labels, stopped_by, seconds)
+    tally = Tally(load_labels(args.labels) if args.labels is not None else None)
+    # Live figures go where the report goes, unless the report is JSON for a program.
+    with LiveView(sys.stderr if args.json else sys.stdout, interval=args.interval) as view:
+        stopped_by, seconds = watch(
+            _project(args, env),
+            args.subscription,
+            options,
+            tally,
+            emulator_host=env.emulator_host,
+            display=view,
+        )
+    report = {**tally.summary(), "stopped_by": stopped_by, "seconds": round(seconds, 3)}
     if args.json:
         print(orjson.dumps(report).decode())
     else:
@@ -450,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
     env = Environment.read()
-    commands = {"simulate": run_simulate, "replay": run_replay, "watch": run_watch}
+    commands = {"simulate": run_simulate, "republish": run_republish, "watch": run_watch}
     try:
         return commands[args.command](args, env)
     except PublisherError as error:

@@ -1,6 +1,6 @@
 """Sending messages: the sink seam, Pub/Sub and file sinks, and the paced streaming loop.
 
-`stream()` is the core shared by `simulate` and `replay`: it takes outgoing messages in
+`stream()` is the core shared by `simulate` and `republish`: it takes outgoing messages in
 event-time order, paces them, hands them to a sink, releases labels to a feedback sink once
 the simulated clock has passed their delay, and returns counts. Sinks are small Protocol
 implementations: a topic of a `Publisher`, `FileSink` (JSON lines) and `MemorySink` (tests).

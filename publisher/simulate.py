@@ -15,6 +15,15 @@ description:
   third of their transactions in that window get amount x5 and are fraud. A later scenario
   overrides an earlier one, as in the book.
 
+One addition the book does not have, so that merchant-level features and rules see hot
+entities: terminals belong to merchants. Every merchant runs at least one terminal and the
+other terminals go to merchants with Zipf weights (merchant k, counting from 1, draws with
+weight 1/k), so a few chains hold a large share of the terminals and of the traffic; a
+merchant's terminals are spread over the whole grid, and each merchant has one category code
+(MCC). Each transaction carries its terminal's `merchant` and `merchant_category`. These draws
+come from their own generator, so the transactions, amounts and frauds of a seed are the same
+with or without merchants (`merchants=0` leaves the fields out).
+
 Two deliberate differences, both so that days can be generated one at a time and streamed:
 
 - scenario 3 marks each transaction of a compromised customer in the window with probability
@@ -43,6 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from publisher.errors import ConfigError
+from publisher.labels import label_json
 
 SECONDS_PER_DAY = 86_400
 BOOK_CUSTOMERS = 5_000
@@ -50,9 +60,28 @@ BOOK_TERMINALS = 10_000
 TERMINAL_COMPROMISE_DAYS = 28
 CUSTOMER_COMPROMISE_DAYS = 14
 LARGE_AMOUNT = 220.0
+# Merchants by default: one for this many terminals. Merchant k (from 1) draws terminals with
+# weight 1 / k ** MERCHANT_ZIPF_EXPONENT.
+TERMINALS_PER_MERCHANT = 5
+MERCHANT_ZIPF_EXPONENT = 1.0
+# Merchant category codes (ISO 18245) a merchant draws from, uniformly: grocery, restaurants,
+# miscellaneous retail, fuel, department stores, electronics, transit, drug stores, hotels,
+# clothing. Fraud does not depend on them.
+MERCHANT_CATEGORIES = (
+    "5411",
+    "5812",
+    "5999",
+    "5541",
+    "5311",
+    "5732",
+    "4111",
+    "5912",
+    "7011",
+    "5651",
+)
 
 # Purposes mixed into the seed so each kind of draw has its own independent stream.
-_POPULATION, _DAY, _COMPROMISE, _SCENARIO3 = 1, 2, 3, 4
+_POPULATION, _DAY, _COMPROMISE, _SCENARIO3, _MERCHANTS = 1, 2, 3, 4, 5
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -73,6 +102,8 @@ class SimulationConfig:
             to skip the weeks in which compromises build up to their steady rate.
         terminals_compromised_per_day, customers_compromised_per_day: None scales the
             book's 2 and 3 a day to the population.
+        merchants: how many merchants run the terminals (at most `terminals`); None is one
+            for every TERMINALS_PER_MERCHANT terminals, 0 leaves the merchant fields out.
     """
 
     seed: int = 0
@@ -84,6 +115,7 @@ class SimulationConfig:
     terminals_compromised_per_day: float | None = None
     customers_compromised_per_day: float | None = None
     from_day: int = 0
+    merchants: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,12 +131,23 @@ class SimulationConfig:
             problems.append(f"radius: must be a finite number > 0, got {self.radius}")
         if self.seed < 0:
             problems.append(f"seed: must be >= 0, got {self.seed}")
+        if self.merchants is not None and not 0 <= self.merchants <= max(self.terminals, 1):
+            problems.append(
+                f"merchants: must be in [0, {self.terminals}] (terminals), got {self.merchants}"
+            )
         for name in ("terminals_compromised_per_day", "customers_compromised_per_day"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 problems.append(f"{name}: must be a finite number >= 0, got {value}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def merchant_count(self) -> int:
+        """How many merchants there are (0: transactions carry no merchant)."""
+        if self.merchants is not None:
+            return self.merchants
+        return max(1, self.terminals // TERMINALS_PER_MERCHANT)
 
     @property
     def terminal_compromise_rate(self) -> float:
@@ -128,10 +171,30 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True, eq=False)
+class Merchants:
+    """Which merchant runs each terminal, and each merchant's category.
+
+    Attributes:
+        of_terminal: the merchant index of each terminal; merchant 0 runs the most terminals.
+        category: per merchant, an index into MERCHANT_CATEGORIES.
+    """
+
+    of_terminal: IntArray
+    category: IntArray
+
+    @property
+    def terminal_counts(self) -> IntArray:
+        """How many terminals each merchant runs."""
+        counts: IntArray = np.bincount(self.of_terminal, minlength=len(self.category))
+        return counts
+
+
+@dataclass(frozen=True, eq=False)
 class Population:
     """Customer and terminal profiles, and which terminals each customer uses.
 
     The terminals of customer c are `neighbours[offsets[c]:offsets[c + 1]]` (CSR layout).
+    `merchants` is None when the config asks for none.
     """
 
     customer_xy: FloatArray
@@ -141,6 +204,7 @@ class Population:
     terminal_xy: FloatArray
     offsets: IntArray
     neighbours: IntArray
+    merchants: Merchants | None = None
 
     @property
     def terminal_counts(self) -> IntArray:
@@ -168,7 +232,28 @@ def make_population(config: SimulationConfig) -> Population:
         terminal_xy=terminal_xy,
         offsets=offsets,
         neighbours=neighbours,
+        merchants=draw_merchants(config),
     )
+
+
+def draw_merchants(config: SimulationConfig) -> Merchants | None:
+    """Group the terminals under `config.merchant_count` merchants of Zipf-skewed sizes.
+
+    Each merchant gets one terminal, and the others are dealt with weights 1 / k ** s
+    (k = 1 for merchant 0), then the assignment is shuffled over the terminals so that a
+    merchant's terminals are spread over the grid. Drawn from the merchants' own generator:
+    the other draws of a seed do not change. None when the config asks for no merchants.
+    """
+    count = config.merchant_count
+    if count == 0:
+        return None
+    rng = _rng(config, _MERCHANTS)
+    weights = 1.0 / np.arange(1, count + 1, dtype=np.float64) ** MERCHANT_ZIPF_EXPONENT
+    sizes = 1 + rng.multinomial(config.terminals - count, weights / weights.sum())
+    owners = np.repeat(np.arange(count, dtype=np.int64), sizes)
+    of_terminal: IntArray = rng.permutation(owners)
+    category: IntArray = rng.integers(0, len(MERCHANT_CATEGORIES), size=count, dtype=np.int64)
+    return Merchants(of_terminal=of_terminal, category=category)
 
 
 def neighbours_within(
@@ -284,6 +369,7 @@ class DayBatch:
         seconds: event time in seconds since the start of the period.
         customer, terminal: profile indices; amount: in currency units, rounded to cents.
         is_fraud: ground truth; scenario: 0 for genuine, else the fraud scenario (1, 2, 3).
+        merchants: who runs each terminal, or None when transactions carry no merchant.
     """
 
     day: int
@@ -295,6 +381,7 @@ class DayBatch:
     amount: FloatArray
     is_fraud: BoolArray
     scenario: npt.NDArray[np.int8]
+    merchants: Merchants | None = None
 
     def __len__(self) -> int:
         return len(self.seconds)
@@ -307,6 +394,14 @@ class DayBatch:
         times = (self.epoch + self.seconds).astype("datetime64[s]")
         return [text + "Z" for text in np.datetime_as_string(times, unit="s").tolist()]
 
+    @property
+    def merchant(self) -> IntArray | None:
+        """The merchant index of each row, or None without merchants."""
+        if self.merchants is None:
+            return None
+        merchant: IntArray = self.merchants.of_terminal[self.terminal]
+        return merchant
+
     def json_lines(self) -> list[bytes]:
         """Each transaction as one compact JSON object (no newline), in row order."""
         rows = zip(
@@ -314,6 +409,7 @@ class DayBatch:
             self.timestamps(),
             self.customer.tolist(),
             self.terminal.tolist(),
+            self._merchant_fields(),
             self.amount.tolist(),
             strict=True,
         )
@@ -321,10 +417,21 @@ class DayBatch:
             (
                 f'{{"transaction_id":"{tid}","timestamp":"{ts}",'
                 f'"customer_id":"{customer_id(c)}","card_id":"{card_id(c)}",'
-                f'"terminal_id":"{terminal_id(t)}","amount":{a:.2f}}}'
+                f'"terminal_id":"{terminal_id(t)}"{m},"amount":{a:.2f}}}'
             ).encode()
-            for tid, ts, c, t, a in rows
+            for tid, ts, c, t, m, a in rows
         ]
+
+    def _merchant_fields(self) -> list[str]:
+        """Per row, the JSON members `,"merchant":...,"merchant_category":...` or ""."""
+        merchant = self.merchant
+        if self.merchants is None or merchant is None:
+            return [""] * len(self)
+        fields = [
+            f',"merchant":"{merchant_id(m)}","merchant_category":"{MERCHANT_CATEGORIES[k]}"'
+            for m, k in enumerate(self.merchants.category.tolist())
+        ]
+        return [fields[m] for m in merchant.tolist()]
 
     def label_lines(self) -> list[bytes]:
         """Each label as {"transaction_id", "is_fraud", "scenario"} (no newline)."""
@@ -348,13 +455,6 @@ class DayBatch:
         ]
 
 
-def label_json(tid: str, is_fraud: bool, scenario: int | None) -> bytes:
-    """A label line: {"transaction_id", "is_fraud", "scenario"} (scenario null if genuine)."""
-    fraud = "true" if is_fraud else "false"
-    number = "null" if scenario is None else str(scenario)
-    return f'{{"transaction_id":"{tid}","is_fraud":{fraud},"scenario":{number}}}'.encode()
-
-
 def transaction_id(index: int) -> str:
     return f"t{index:09d}"
 
@@ -369,6 +469,10 @@ def card_id(index: int) -> str:
 
 def terminal_id(index: int) -> str:
     return f"term-{index:05d}"
+
+
+def merchant_id(index: int) -> str:
+    return f"merch-{index:05d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +558,7 @@ def simulate_day(
         amount=amount,
         is_fraud=scenario > 0,
         scenario=scenario,
+        merchants=population.merchants,
     )
 
 

@@ -62,6 +62,21 @@ def test_paced_and_unpaced_files_are_identical(tmp_path: Path) -> None:
     assert len((tmp_path / "labels.jsonl").read_bytes().splitlines()) == 700
 
 
+def test_merchants_option_sets_the_number_of_merchants(tmp_path: Path) -> None:
+    """--merchants N names N merchants; 0 writes the stream without merchant fields."""
+    few, none = tmp_path / "few.jsonl", tmp_path / "none.jsonl"
+    assert run("simulate", *SMALL, "--merchants", "4", "--out", str(few)).returncode == 0
+    assert run("simulate", *SMALL, "--merchants", "0", "--out", str(none)).returncode == 0
+    with_merchants = [orjson.loads(line) for line in few.read_bytes().splitlines()]
+    without = [orjson.loads(line) for line in none.read_bytes().splitlines()]
+    assert {tx["merchant"] for tx in with_merchants} == {f"merch-0000{i}" for i in range(4)}
+    for tx in with_merchants:
+        del tx["merchant"], tx["merchant_category"]
+    assert with_merchants == without
+    result = run("simulate", *SMALL, "--merchants", "401", "--out", str(few))
+    assert_one_line_error(result, "merchants: must be in [0, 400] (terminals), got 401")
+
+
 def test_start_and_seed_options_change_the_output(tmp_path: Path) -> None:
     """--start moves the timestamps; --seed changes the draws."""
     out = tmp_path / "out.jsonl"
@@ -123,10 +138,21 @@ def test_missing_project_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(result, "--project", "GOOGLE_CLOUD_PROJECT")
 
 
-def test_replay_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
-    """replay names the file it cannot find."""
-    result = run("replay", str(tmp_path / "nope.jsonl"), "--project", "p")
+def test_republish_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    """republish names the file it cannot find."""
+    result = run("republish", str(tmp_path / "nope.jsonl"), "--project", "p")
     assert_one_line_error(result, "nope.jsonl", "does not exist")
+
+
+def test_replay_is_not_a_publisher_command(tmp_path: Path) -> None:
+    """The old verb is refused as any unknown command is; the backtest is the detector's."""
+    recorded = tmp_path / "recorded.jsonl"
+    recorded.write_text('{"amount": 1, "customer_id": "c"}\n')
+    result = run("replay", str(recorded), "--project", "p")
+    assert_one_line_error(result, "invalid choice: 'replay'", "'republish'")
+    assert result.returncode == 2
+    listed = run("--help")
+    assert "republish" in listed.stdout and "replay" not in listed.stdout
 
 
 def test_watch_with_a_bad_labels_file_is_one_line(tmp_path: Path) -> None:
@@ -143,14 +169,14 @@ def test_help_lists_the_contract_options() -> None:
     assert result.returncode == 0
     for option in (
         "--seed", "--customers", "--terminals", "--days", "--start", "--count", "--duration",
-        "--rate", "--speedup", "--out", "--labels", "--label-delay", "--topic",
+        "--rate", "--speedup", "--out", "--labels", "--label-delay", "--topic", "--merchants",
         "--feedback-topic", "--project",
     ):  # fmt: skip
         assert option in result.stdout
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("command", ["simulate", "replay", "watch"])
+@pytest.mark.parametrize("command", ["simulate", "republish", "watch"])
 def test_unreachable_emulator_is_one_line(command: str, tmp_path: Path) -> None:
     """A PUBSUB_EMULATOR_HOST where nothing listens is named in the error, for each command."""
     host = f"127.0.0.1:{services.free_port()}"
@@ -158,7 +184,7 @@ def test_unreachable_emulator_is_one_line(command: str, tmp_path: Path) -> None:
     recorded.write_text('{"amount": 1, "customer_id": "c"}\n')
     args = {
         "simulate": ["simulate", *SMALL],
-        "replay": ["replay", str(recorded)],
+        "republish": ["republish", str(recorded)],
         "watch": ["watch", "--subscription", "verdicts"],
     }[command]
     result = run(*args, "--project", "p", env={"PUBSUB_EMULATOR_HOST": host})

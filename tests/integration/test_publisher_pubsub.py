@@ -117,16 +117,16 @@ def test_count_and_zero_delay_send_every_label(pubsub_env: dict[str, str]) -> No
     assert len(pull_all(feedback, 300)) == 300
 
 
-def test_replay_publishes_a_recorded_file(pubsub_env: dict[str, str], tmp_path: Path) -> None:
-    """replay sends each line of the file as one message, at the requested rate."""
-    topic, subscription = make_topic("replay")
+def test_republish_publishes_a_recorded_file(pubsub_env: dict[str, str], tmp_path: Path) -> None:
+    """republish sends each line of the file as one message, at the requested rate."""
+    topic, subscription = make_topic("republish")
     recorded = tmp_path / "recorded.jsonl"
     assert (
         run("simulate", *SMALL, "--count", "200", "--out", str(recorded), env=pubsub_env).returncode
         == 0
     )
     started = time.monotonic()
-    result = run("replay", str(recorded), "--topic", topic, "--rate", "400", env=pubsub_env)
+    result = run("republish", str(recorded), "--topic", topic, "--rate", "400", env=pubsub_env)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started >= 0.45  # 200 messages at 400/s take >= 0.5 s
     received = pull_all(subscription, 200)

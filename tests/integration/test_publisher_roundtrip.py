@@ -65,4 +65,5 @@ def test_simulated_stream_comes_back_as_verdicts(
     assert set(report["decisions"]) == {"allow", "review", "block"}
     assert report["delay_ms"]["count"] == COUNT
     assert 0 < report["delay_ms"]["p50"] <= report["delay_ms"]["p99"] < 60_000
-    assert report["labels"]["labelled"] == COUNT and report["labels"]["unlabelled"] == 0
+    assert report["labelled"] == COUNT and report["unlabelled"] == 0
+    assert sum(s["frauds"] for s in report["by_scenario"].values()) == report["frauds"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import hashlib
 import itertools
 import re
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from publisher.errors import ConfigError
 from publisher.simulate import (
     LARGE_AMOUNT,
+    MERCHANT_CATEGORIES,
     SimulationConfig,
     draw_compromises,
     generate,
@@ -59,6 +61,8 @@ def test_transactions_follow_the_detector_contract() -> None:
             "customer_id",
             "card_id",
             "terminal_id",
+            "merchant",
+            "merchant_category",
             "amount",
             "timestamp",
         }
@@ -70,6 +74,8 @@ def test_transactions_follow_the_detector_contract() -> None:
         assert tx["timestamp"].endswith("Z") and parsed.utcoffset() == dt.timedelta(0)
         assert int(parsed.timestamp()) == record.event_time
         assert tx["card_id"].removeprefix("card-") == tx["customer_id"].removeprefix("cust-")
+        assert re.fullmatch(r"merch-\d{5}", tx["merchant"])
+        assert tx["merchant_category"] in MERCHANT_CATEGORIES
         assert "is_fraud" not in tx and "scenario" not in tx
 
 
@@ -154,6 +160,11 @@ def test_compromise_rates_scale_with_the_population() -> None:
         ({"days": 0}, "days: must be >= 1, got 0"),
         ({"radius": 0.0}, "radius: must be a finite number > 0, got 0.0"),
         ({"seed": -1}, "seed: must be >= 0, got -1"),
+        (
+            {"terminals": 600, "merchants": 601},
+            "merchants: must be in [0, 600] (terminals), got 601",
+        ),
+        ({"merchants": -1}, "merchants: must be in [0, 10000] (terminals), got -1"),
     ],
 )
 def test_bad_config_is_refused_with_the_field_named(kwargs: dict[str, int], message: str) -> None:
@@ -218,3 +229,83 @@ def test_from_day_skips_days_but_keeps_their_ids() -> None:
         ConfigError, match=re.escape("from_day: must be in [0, 19] (days - 1), got 20")
     ):
         SimulationConfig(days=20, from_day=20)
+
+
+_MERCHANT_FIELDS = re.compile(rb',"merchant":"merch-\d+","merchant_category":"\d{4}"')
+
+
+def test_merchants_leave_the_handbook_stream_unchanged() -> None:
+    """Without the merchant fields a seed gives the same bytes and labels as with merchants=0."""
+    plain = SimulationConfig(seed=7, customers=300, terminals=600, days=20, merchants=0)
+    with_merchants = [(_MERCHANT_FIELDS.sub(b"", r.data), r.label_json()) for r in records(SMALL)]
+    without = [(r.data, r.label_json()) for r in records(plain)]
+    assert with_merchants == without
+    assert all(b'"merchant"' not in data for data, _ in without)
+
+
+def test_the_handbook_stream_of_a_seed_is_pinned() -> None:
+    """Seed 7 at 300/600/20 gives the stream it gave before merchants existed.
+
+    Every recorded benchmark and model figure comes from such streams: if this fails, a
+    change moved the simulator's draws (numpy's generators included) and those figures no
+    longer reproduce.
+    """
+    plain = SimulationConfig(seed=7, customers=300, terminals=600, days=20, merchants=0)
+    digest = hashlib.sha256(b"".join(r.data + b"\n" for r in records(plain))).hexdigest()
+    frauds = collections.Counter(r.scenario for r in records(plain))
+    assert digest.startswith("2ddf507cbeb425b6")
+    assert frauds == {None: 11_251, 1: 8, 2: 10, 3: 19}
+
+
+def test_a_terminal_belongs_to_one_merchant_for_the_whole_run() -> None:
+    """Every transaction at a terminal names the same merchant and category; ids are in range."""
+    merchant_of: dict[str, tuple[str, str]] = {}
+    for record in records(SMALL):
+        tx = orjson.loads(record.data)
+        seen = merchant_of.setdefault(tx["terminal_id"], (tx["merchant"], tx["merchant_category"]))
+        assert seen == (tx["merchant"], tx["merchant_category"])
+    population = make_population(SMALL)
+    assert population.merchants is not None
+    counts = population.merchants.terminal_counts
+    assert len(counts) == SMALL.merchant_count == 600 // 5
+    assert counts.min() >= 1 and counts.sum() == 600
+    assert {m for m, _ in merchant_of.values()} <= {f"merch-{i:05d}" for i in range(120)}
+
+
+def test_merchants_are_deterministic_and_follow_the_seed() -> None:
+    """The same seed deals terminals to the same merchants; another seed deals them otherwise."""
+    first = make_population(SMALL).merchants
+    again = make_population(SMALL).merchants
+    other = make_population(SimulationConfig(seed=8, customers=300, terminals=600)).merchants
+    assert first is not None and again is not None and other is not None
+    assert first.of_terminal.tolist() == again.of_terminal.tolist()
+    assert first.category.tolist() == again.category.tolist()
+    assert first.of_terminal.tolist() != other.of_terminal.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_few_merchants_hold_a_large_share_of_traffic(seed: int) -> None:
+    """Top 1 % of merchants carry at least 15 % of transactions, top 10 % at least 40 %.
+
+    With merchants of equal size they would carry 1 % and 10 %.
+    """
+    config = SimulationConfig(seed=seed, customers=500, terminals=1000, days=20)
+    per_merchant = np.zeros(config.merchant_count, dtype=np.int64)
+    for batch in generate(config):
+        assert batch.merchant is not None
+        per_merchant += np.bincount(batch.merchant, minlength=config.merchant_count)
+    ranked = np.sort(per_merchant)[::-1]
+    total = ranked.sum()
+    assert config.merchant_count == 200
+    assert ranked[:2].sum() >= 0.15 * total
+    assert ranked[:20].sum() >= 0.40 * total
+
+
+def test_merchant_count_is_an_option() -> None:
+    """merchants=N gives N merchants; merchants=0 gives transactions without one."""
+    few = SimulationConfig(seed=7, customers=300, terminals=600, days=2, merchants=3)
+    names = {orjson.loads(r.data)["merchant"] for r in records(few)}
+    assert names == {"merch-00000", "merch-00001", "merch-00002"}
+    none = SimulationConfig(seed=7, customers=300, terminals=600, days=2, merchants=0)
+    assert make_population(none).merchants is None
+    assert all("merchant" not in orjson.loads(r.data) for r in records(none))

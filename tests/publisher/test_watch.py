@@ -1,4 +1,4 @@
-"""The watcher: counts by decision, end-to-end delay, and accuracy against labels."""
+"""The watcher against the emulator: live figures while verdicts come, then the final report."""
 
 from __future__ import annotations
 
@@ -6,125 +6,20 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
 import pytest
 from google.cloud import pubsub_v1
-from hypothesis import given
-from hypothesis import strategies as st
 
-from publisher.errors import InputError
-from publisher.watch import Tally, Verdict, format_report, load_labels, parse_time, parse_verdict
+from publisher.labels import label_json
 from stack import services
 
+pytestmark = pytest.mark.integration
+
 UTC = dt.UTC
-PUBLISHED = dt.datetime(2026, 1, 2, 3, 4, 5, 500_000, tzinfo=UTC)
-
-
-def test_verdict_from_attributes() -> None:
-    """Decision, id and delay come from the attributes when present."""
-    verdict = parse_verdict(
-        b"not even json",
-        {
-            "decision": "block",
-            "transaction_id": "t1",
-            "source_publish_time": "2026-01-02T03:04:05.250Z",
-        },
-        PUBLISHED,
-    )
-    assert verdict == Verdict("t1", "block", pytest.approx(0.25))
-
-
-def test_verdict_from_body_when_attributes_lack_it() -> None:
-    """Without attributes the body's decision and transaction_id are used; no delay."""
-    verdict = parse_verdict(b'{"transaction_id":"t2","decision":"review"}', {}, PUBLISHED)
-    assert verdict == Verdict("t2", "review", None)
-
-
-def test_verdict_without_decision_is_unknown() -> None:
-    """A message with no decision anywhere is counted as unknown, not dropped."""
-    assert parse_verdict(b"[]", {}, None).decision == "unknown"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2026-01-02T03:04:05Z", dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
-        ("2026-01-02T03:04:05.123456789Z", dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)),
-        ("2026-01-02T03:04:05.1+00:00", dt.datetime(2026, 1, 2, 3, 4, 5, 100000, tzinfo=UTC)),
-    ],
-)
-def test_rfc3339_times_parse(text: str, expected: dt.datetime) -> None:
-    """Publish times with 0 to 9 fraction digits and Z or an offset parse exactly (to us)."""
-    assert parse_time(text) == expected
-
-
-def test_time_without_zone_is_refused() -> None:
-    """A naive time cannot be compared with a publish time."""
-    with pytest.raises(ValueError, match="no zone"):
-        parse_time("2026-01-02T03:04:05")
-
-
-def test_tally_counts_redeliveries_once() -> None:
-    """A verdict for an already-counted transaction is a duplicate."""
-    tally = Tally()
-    assert tally.add(Verdict("t1", "allow", 0.1))
-    assert not tally.add(Verdict("t1", "allow", 0.2))
-    assert (tally.total, tally.duplicates, tally.delays) == (1, 1, [0.1])
-
-
-def test_confusion_matrix_precision_and_recall() -> None:
-    """Block is predicted fraud; review is counted separately by truth."""
-    tally = Tally()
-    decisions = {
-        "a": "block",
-        "b": "block",
-        "c": "allow",
-        "d": "review",
-        "e": "allow",
-        "f": "allow",
-    }
-    for tid, decision in decisions.items():
-        tally.add(Verdict(tid, decision, None))
-    truth = {"a": True, "b": False, "c": True, "d": True, "e": False}
-    quality = tally.report(truth, "count", 1.0)["labels"]
-    assert quality["confusion"] == {"tp": 1, "fp": 1, "fn": 2, "tn": 1}
-    assert (quality["precision"], quality["recall"]) == (0.5, pytest.approx(1 / 3, abs=1e-4))
-    assert quality["review"] == {"fraud": 1, "genuine": 0}
-    assert (quality["labelled"], quality["unlabelled"]) == (5, 1)
-
-
-@given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=200))
-def test_delay_percentiles_are_ordered_observations(delays: list[float]) -> None:
-    """p50 <= p95 <= p99 <= max, each one of the observed delays."""
-    tally = Tally()
-    for i, delay in enumerate(delays):
-        tally.add(Verdict(f"t{i}", "allow", delay))
-    report = tally.delay_ms()
-    assert report["p50"] <= report["p95"] <= report["p99"] <= report["max"]  # type: ignore[operator]
-    assert report["max"] == round(max(delays) * 1000, 1)
-
-
-def test_text_report_shows_the_numbers() -> None:
-    """The human report has counts, percentiles and the matrix."""
-    tally = Tally()
-    tally.add(Verdict("a", "block", 0.010))
-    tally.add(Verdict("b", "allow", 0.030))
-    text = format_report(tally.report({"a": True, "b": True}, "idle", 2.0))
-    assert "decisions: allow 1, review 0, block 1" in text
-    assert "p50 10.0" in text and "p99 30.0" in text
-    assert "precision 1.000, recall 0.500" in text
-
-
-def test_labels_file_errors_name_the_line(tmp_path: Path) -> None:
-    """A labels file with a bad line is refused with its number."""
-    path = tmp_path / "labels.jsonl"
-    path.write_text('{"transaction_id":"t1","is_fraud":false}\n{oops\n')
-    with pytest.raises(InputError, match=rf"--labels: {path}:2: not JSON"):
-        load_labels(path)
-    with pytest.raises(InputError, match="cannot read"):
-        load_labels(tmp_path / "missing.jsonl")
 
 
 def _verdict_topic(prefix: str) -> tuple[str, str]:
@@ -150,26 +45,26 @@ def _watch(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.integration
-def test_watch_reports_verdicts_from_a_subscription(
-    pubsub_env: dict[str, str], tmp_path: Path
-) -> None:
-    """Verdict-shaped messages give counts, delays and a confusion matrix in --json."""
-    topic, subscription = _verdict_topic("verdicts")
-    labels = tmp_path / "labels.jsonl"
-    labels.write_bytes(
-        b"".join(
-            b'{"transaction_id":"t%d","is_fraud":%s,"scenario":null}\n'
-            % (i, b"true" if i % 10 == 0 else b"false")
-            for i in range(120)
-        )
-    )
+def _decision(i: int) -> str:
+    return "block" if i % 20 == 0 else "review" if i % 10 == 0 else "allow"
+
+
+def _publish_verdicts(topic: str, numbers: Iterable[int]) -> None:
+    """Verdict-shaped messages as detect_fraud publishes them, input published 2 s earlier.
+
+    Transaction i: decision block every 20th, review every other 10th, else allow; amount
+    i + 0.5; rule "every-tenth" fires on block and review, "seventh" on every 7th.
+    """
     publisher = pubsub_v1.PublisherClient()
     source = (dt.datetime.now(UTC) - dt.timedelta(seconds=2)).isoformat().replace("+00:00", "Z")
     futures = []
-    for i in range(120):
-        decision = "block" if i % 20 == 0 else "review" if i % 10 == 0 else "allow"
-        body = orjson.dumps({"transaction_id": f"t{i}", "decision": decision})
+    for i in numbers:
+        decision = _decision(i)
+        reasons = [{"rule": "every-tenth"}] if i % 10 == 0 else []
+        reasons += [{"rule": "seventh"}] if i % 7 == 0 else []
+        body = orjson.dumps(
+            {"transaction_id": f"t{i}", "amount": i + 0.5, "decision": decision, "reasons": reasons}
+        )
         futures.append(
             publisher.publish(
                 topic,
@@ -182,6 +77,26 @@ def test_watch_reports_verdicts_from_a_subscription(
         )
     for future in futures:
         future.result(timeout=30)
+
+
+def _labels(path: Path, count: int) -> Path:
+    """Every 10th transaction is fraud, of scenario 1 if it is an even ten, else 2; also t5."""
+    lines = []
+    for i in range(count):
+        fraud = i % 10 == 0 or i == 5
+        scenario = (1 if i % 20 == 0 else 2) if fraud else None
+        lines.append(label_json(f"t{i}", fraud, scenario) + b"\n")
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_watch_reports_verdicts_from_a_subscription(
+    pubsub_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Verdicts give decisions, delays, accuracy for block and flagged, scenarios and rules."""
+    topic, subscription = _verdict_topic("verdicts")
+    labels = _labels(tmp_path / "labels.jsonl", 120)
+    _publish_verdicts(topic, range(120))
     result = _watch(
         "--subscription", subscription, "--labels", str(labels), "--count", "120", "--json",
         env=pubsub_env,
@@ -190,13 +105,61 @@ def test_watch_reports_verdicts_from_a_subscription(
     report = orjson.loads(result.stdout)
     assert report["verdicts"] == 120 and report["stopped_by"] == "count"
     assert report["decisions"] == {"allow": 108, "review": 6, "block": 6}
-    assert 2000 <= report["delay_ms"]["p50"] < 30_000  # publish time - a source 2 s earlier
-    assert report["labels"]["confusion"] == {"tp": 6, "fp": 0, "fn": 6, "tn": 108}
-    assert report["labels"]["review"] == {"fraud": 6, "genuine": 0}
-    assert (report["labels"]["precision"], report["labels"]["recall"]) == (1.0, 0.5)
+    assert 2000 <= report["delay_ms"]["p50"] <= report["delay_ms"]["p99"] < 30_000
+    # 13 frauds: the 12 tens (6 blocked, 6 reviewed) and t5 (allowed).
+    assert report["confusion"]["block"] == {"tp": 6, "fp": 0, "fn": 7, "tn": 107}
+    assert report["confusion"]["flagged"] == {"tp": 12, "fp": 0, "fn": 1, "tn": 107}
+    assert (report["precision_block"], report["recall_block"]) == (1.0, 0.4615)
+    assert (report["precision_flagged"], report["recall_flagged"]) == (1.0, 0.9231)
+    assert report["by_scenario"]["1"]["frauds"] == report["by_scenario"]["1"]["blocked"] == 6
+    assert report["by_scenario"]["2"] | {"name": ""} == {
+        "name": "",
+        "frauds": 7,
+        "caught": 6,
+        "blocked": 0,
+        "missed": 1,
+        "amount": 368.5,  # 10.5 + 30.5 + ... + 110.5, and 5.5
+        "amount_stopped": 0.0,
+        "amount_missed": 5.5,
+    }
+    assert (report["amount_stopped"], report["amount_missed"]) == (303.0, 5.5)
+    assert report["top_rules"] == [
+        {"rule": "seventh", "fired": 18, "labelled": 18, "frauds": 2, "precision": 0.1111},
+        {"rule": "every-tenth", "fired": 12, "labelled": 12, "frauds": 12, "precision": 1.0},
+    ]
 
 
-@pytest.mark.integration
+def test_watch_prints_live_lines_when_not_on_a_terminal(
+    pubsub_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Piped, the watcher prints plain lines of live figures, then the text report."""
+    topic, subscription = _verdict_topic("live")
+    labels = _labels(tmp_path / "labels.jsonl", 100)
+    _publish_verdicts(topic, range(50))
+    watcher = subprocess.Popen(
+        [
+            sys.executable, "-m", "publisher", "watch", "--subscription", subscription,
+            "--labels", str(labels), "--count", "100", "--interval", "0.5",
+        ],
+        cwd=services.ROOT, env={**os.environ, **pubsub_env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(3)  # the watcher starts, receives the first half and reports it
+    _publish_verdicts(topic, range(50, 100))
+    stdout, stderr = watcher.communicate(timeout=120)
+    assert watcher.returncode == 0, stderr
+    live = [line for line in stdout.splitlines() if line.startswith("watch: ")]
+    assert any(line.startswith("watch: 50 verdicts") for line in live), stdout
+    assert live[-1].startswith("watch: 100 verdicts"), stdout
+    assert "allow 90, review 5, block 5; lag p50 " in live[-1]
+    assert "frauds caught 10 of 11 (blocked 5)" in live[-1]
+    assert "flagged precision 1.000 recall 0.909; block precision 1.000 recall 0.455" in live[-1]
+    report = stdout[stdout.index("verdicts: 100 in") :]
+    assert "decisions: allow 90, review 5, block 5" in report
+    assert "2 compromised terminal" in report and "every-tenth" in report
+    assert "\x1b[" not in stdout  # no terminal control codes in a pipe
+
+
 def test_watch_fails_when_nothing_arrives(pubsub_env: dict[str, str]) -> None:
     """An idle subscription ends with a report and a one-line error, exit 1."""
     _, subscription = _verdict_topic("quiet")
