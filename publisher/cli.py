@@ -14,7 +14,6 @@ import datetime as dt
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,9 @@ from typing import IO, NoReturn
 
 import orjson
 
-from publisher.errors import ConfigError, InputError, OutputError, PublisherError
+from detector.errors import ConfigError
+from detector.vocabulary import parse_duration
+from publisher.errors import PublisherError, ReadError, UsageError, WriteError
 from publisher.pacing import Pacer, RatePacer, SpeedupPacer, SystemClock, Unpaced
 from publisher.progress import Progress
 from publisher.publish import (
@@ -39,13 +40,11 @@ from publisher.publish import (
 )
 from publisher.simulate import TERMINALS_PER_MERCHANT, SimulationConfig, records, write_jsonl
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_TOPIC = "transactions"
 DEFAULT_FEEDBACK_TOPIC = "fraud-feedback"
 DEFAULT_LABEL_DELAY = 7 * 86_400
-_DELAY = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 # Share of Normal(12:00, 20000 s) times that fall inside the day (the rest are dropped).
 _IN_DAY = math.erf(43_200 / (20_000 * math.sqrt(2)))
 
@@ -64,13 +63,14 @@ PUBLISHER_HELP = (
 
 
 def parse_delay(text: str) -> float:
-    """Parse a label delay: "0", "90s", "15m", "12h", "7d" (a bare number is seconds)."""
-    match = _DELAY.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"must be a number with unit s, m, h or d (e.g. 7d), got {text!r}"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """Parse a label delay: "0", "90s", "15m", "12h", "7d" (a bare number is seconds).
+
+    The project's one duration grammar (`detector.vocabulary.parse_duration`).
+    """
+    try:
+        return parse_duration(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).partition(": ")[2]) from None
 
 
 def _positive_int(text: str) -> int:
@@ -232,7 +232,7 @@ class Environment:
 def _project(args: argparse.Namespace, env: Environment) -> str:
     project: str | None = args.project or env.project
     if not project:
-        raise ConfigError("--project: not given and GOOGLE_CLOUD_PROJECT is not set")
+        raise UsageError("--project: not given and GOOGLE_CLOUD_PROJECT is not set")
     return project
 
 
@@ -270,7 +270,7 @@ def run_simulate(args: argparse.Namespace, env: Environment) -> int:
     )
     wants_feedback = args.feedback_topic is not None or args.label_delay is not None
     if args.out is not None and wants_feedback:
-        raise ConfigError("--feedback-topic/--label-delay: nothing is published with --out")
+        raise UsageError("--feedback-topic/--label-delay: nothing is published with --out")
     label_delay = args.label_delay if args.label_delay is not None else DEFAULT_LABEL_DELAY
 
     if args.out is not None and not (args.rate or args.speedup or args.duration):
@@ -342,7 +342,7 @@ def _open_for_write(path: Path, option: str) -> IO[bytes]:
     try:
         return path.open("wb")
     except OSError as error:
-        raise OutputError(f"{option}: cannot write {path}: {error.strerror}") from error
+        raise WriteError(f"{option}: cannot write {path}: {error.strerror}") from error
 
 
 def _write_files(config: SimulationConfig, args: argparse.Namespace) -> int:
@@ -357,7 +357,7 @@ def _write_files(config: SimulationConfig, args: argparse.Namespace) -> int:
         try:
             written, frauds = write_jsonl(config, out, labels, args.count, progress.update)
         except OSError as error:
-            raise OutputError(f"--out/--labels: write failed: {error.strerror}") from error
+            raise WriteError(f"--out/--labels: write failed: {error.strerror}") from error
         finally:
             progress.close()
     seconds = time.monotonic() - started
@@ -375,12 +375,12 @@ def read_messages(path: Path) -> Iterator[Outgoing]:
     """Messages of a JSON-lines file; blank lines are skipped.
 
     Raises:
-        InputError: the file cannot be read or a line is not a JSON object.
+        ReadError: the file cannot be read or a line is not a JSON object.
     """
     try:
         handle = path.open("rb")
     except OSError as error:
-        raise InputError(f"FILE.jsonl: cannot read {path}: {error.strerror}") from error
+        raise ReadError(f"FILE.jsonl: cannot read {path}: {error.strerror}") from error
     with handle:
         for number, line in enumerate(handle, start=1):
             data = line.strip()
@@ -389,9 +389,9 @@ def read_messages(path: Path) -> Iterator[Outgoing]:
             try:
                 body = orjson.loads(data)
             except orjson.JSONDecodeError as error:
-                raise InputError(f"{path}:{number}: not JSON ({error})") from error
+                raise ReadError(f"{path}:{number}: not JSON ({error})") from error
             if not isinstance(body, dict):
-                raise InputError(f"{path}:{number}: must be a JSON object")
+                raise ReadError(f"{path}:{number}: must be a JSON object")
             tid = body.get("transaction_id")
             attributes = {"transaction_id": tid} if isinstance(tid, str) else {}
             yield Outgoing(data=data, attributes=attributes)
@@ -407,7 +407,7 @@ def _count_lines(path: Path) -> int | None:
 
 def run_republish(args: argparse.Namespace, env: Environment) -> int:
     if not args.file.is_file():
-        raise InputError(f"FILE.jsonl: {args.file} does not exist or is not a file")
+        raise ReadError(f"FILE.jsonl: {args.file} does not exist or is not a file")
     publisher = make_publisher(args.publisher, _project(args, env), env.emulator_host)
     try:
         where = publisher.check_topic(args.topic, "--topic")

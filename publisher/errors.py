@@ -1,11 +1,11 @@
 """Exceptions of the publisher package.
 
     PublisherError
-    ├── ConfigError           a bad option or setting: nothing was started (ValueError)
-    ├── InputError            a file to read is missing or not JSON lines (ValueError)
-    ├── OutputError           a file to write cannot be written (OSError)
+    ├── UsageError           a bad option or setting: nothing was started (ValueError)
+    ├── ReadError            a file to read is missing or not JSON lines (ValueError)
+    ├── WriteError           a file to write cannot be written (OSError)
     └── PubSubError           Pub/Sub refused or could not be reached (RuntimeError)
-        └── PublishFailed       some messages were not published
+        └── NotAllPublished       some messages were not published
 
 The command line catches PublisherError, prints `error: <message>` and exits non-zero.
 """
@@ -17,15 +17,15 @@ class PublisherError(Exception):
     """Root of every error the publisher raises on purpose."""
 
 
-class ConfigError(PublisherError, ValueError):
+class UsageError(PublisherError, ValueError):
     """An option or setting is invalid; the message names it, the problem and the limit."""
 
 
-class InputError(PublisherError, ValueError):
+class ReadError(PublisherError, ValueError):
     """An input file is missing, unreadable or not JSON lines."""
 
 
-class OutputError(PublisherError, OSError):
+class WriteError(PublisherError, OSError):
     """An output file cannot be created or written."""
 
 
@@ -33,7 +33,7 @@ class PubSubError(PublisherError, RuntimeError):
     """Pub/Sub could not be reached, or a topic or subscription does not exist."""
 
 
-class PublishFailed(PubSubError):
+class NotAllPublished(PubSubError):
     """Some messages were not published.
 
     Attributes:

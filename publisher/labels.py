@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from publisher.errors import InputError
+from publisher.errors import ReadError
 
 __all__ = ["SCENARIOS", "Label", "label_json", "load_labels"]
 
@@ -58,7 +58,7 @@ def load_labels(path: Path) -> dict[str, Label]:
     """Read a labels file: transaction id -> Label. Blank lines are skipped.
 
     Raises:
-        InputError: the file is missing, unreadable, or a line is not a label.
+        ReadError: the file is missing, unreadable, or a line is not a label.
     """
     labels: dict[str, Label] = {}
     try:
@@ -69,13 +69,13 @@ def load_labels(path: Path) -> dict[str, Label]:
                 try:
                     item = orjson.loads(line)
                 except orjson.JSONDecodeError as error:
-                    raise InputError(f"--labels: {path}:{number}: not JSON ({error})") from error
+                    raise ReadError(f"--labels: {path}:{number}: not JSON ({error})") from error
                 if not (
                     isinstance(item, dict)
                     and isinstance(item.get("transaction_id"), str)
                     and isinstance(item.get("is_fraud"), bool)
                 ):
-                    raise InputError(
+                    raise ReadError(
                         f"--labels: {path}:{number}: must be an object with "
                         "transaction_id (string) and is_fraud (boolean)"
                     )
@@ -83,11 +83,11 @@ def load_labels(path: Path) -> dict[str, Label]:
                 if scenario is not None and (
                     not isinstance(scenario, int) or isinstance(scenario, bool)
                 ):
-                    raise InputError(
+                    raise ReadError(
                         f"--labels: {path}:{number}: scenario must be an integer or null, "
                         f"got {scenario!r}"
                     )
                 labels[item["transaction_id"]] = _label(item["is_fraud"], scenario)
     except OSError as error:
-        raise InputError(f"--labels: cannot read {path}: {error.strerror}") from error
+        raise ReadError(f"--labels: cannot read {path}: {error.strerror}") from error
     return labels

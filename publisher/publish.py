@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from publisher.errors import ConfigError, OutputError, PublishFailed, PubSubError
+from publisher.errors import NotAllPublished, PubSubError, UsageError, WriteError
 from publisher.pacing import Pacer, Unpaced
 from publisher.progress import Progress
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Batches of up to 1,000 messages or 20 ms, whichever comes first; at most 20,000 messages
 # (or 50 MB) in flight before publish() blocks, so memory stays flat on a 1.75 M-row run.
@@ -69,7 +69,7 @@ class FileSink:
         try:
             self._handle: IO[bytes] = path.open("wb")
         except OSError as error:
-            raise OutputError(f"{option}: cannot write {path}: {error.strerror}") from error
+            raise WriteError(f"{option}: cannot write {path}: {error.strerror}") from error
         self._option = option
         self._buffer: list[bytes] = []
 
@@ -84,7 +84,7 @@ class FileSink:
         try:
             self._handle.write(b"\n".join(self._buffer) + b"\n")
         except OSError as error:
-            raise OutputError(
+            raise WriteError(
                 f"{self._option}: cannot write {self.path}: {error.strerror}"
             ) from error
         self._buffer.clear()
@@ -188,7 +188,7 @@ class _Counts:
                     self.first_error = f"{type(error).__name__}: {error}"
 
     def wait(self, timeout: float) -> None:
-        """Wait on every pending future; raise PublishFailed if any message failed."""
+        """Wait on every pending future; raise NotAllPublished if any message failed."""
         with self.lock:
             pending = list(self.pending)
         _, not_done = futures.wait(pending, timeout=timeout)
@@ -197,7 +197,7 @@ class _Counts:
                 self.failed += sum(1 for future in not_done if not future.done())
                 self.first_error = self.first_error or f"not confirmed within {timeout:.0f} s"
             if self.failed:
-                raise PublishFailed(self.failed, self.sent, self.first_error)
+                raise NotAllPublished(self.failed, self.sent, self.first_error)
 
 
 class _Counting:
@@ -407,7 +407,7 @@ def make_publisher(kind: str, project: str, emulator_host: str | None) -> Publis
         return LibraryPublisher(project, emulator_host)
     if kind == "batch":
         return BatchPublisher(project, emulator_host)
-    raise ConfigError(f"publisher: must be 'batch' or 'library', got {kind!r}")
+    raise UsageError(f"publisher: must be 'batch' or 'library', got {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -513,7 +513,7 @@ def stream(
     if progress is not None:
         progress.close()
     if due:
-        logger.info("%s labels not yet due at the end of the run were not sent", len(due))
+        log.info("%s labels not yet due at the end of the run were not sent", len(due))
     return StreamSummary(
         sent=sent,
         frauds=frauds,

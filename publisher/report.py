@@ -59,7 +59,7 @@ __all__ = [
     "percentile",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DECISIONS = ("allow", "review", "block")
 #: Decisions that stop a transaction or send it to a person.
@@ -149,7 +149,7 @@ def parse_verdict(
         try:
             delay = (publish_time - parse_time(source)).total_seconds()
         except ValueError:
-            logger.warning("source_publish_time: not an RFC 3339 time, got %r", source)
+            log.warning("source_publish_time: not an RFC 3339 time, got %r", source)
     return Verdict(
         transaction_id,
         decision or "unknown",

@@ -51,7 +51,7 @@ from typing import IO
 import numpy as np
 import numpy.typing as npt
 
-from publisher.errors import ConfigError
+from publisher.errors import UsageError
 from publisher.labels import label_json
 
 SECONDS_PER_DAY = 86_400
@@ -140,7 +140,7 @@ class SimulationConfig:
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 problems.append(f"{name}: must be a finite number >= 0, got {value}")
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise UsageError("; ".join(problems))
 
     @property
     def merchant_count(self) -> int:

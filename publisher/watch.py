@@ -15,12 +15,12 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from publisher.errors import ConfigError, PubSubError
+from publisher.errors import PubSubError, UsageError
 from publisher.report import Tally, Verdict, parse_verdict
 
 __all__ = ["Display", "WatchOptions", "watch"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class Display(Protocol):
@@ -38,9 +38,9 @@ class WatchOptions:
 
     def __post_init__(self) -> None:
         if self.count is not None and self.count < 1:
-            raise ConfigError(f"--count: must be >= 1, got {self.count}")
+            raise UsageError(f"--count: must be >= 1, got {self.count}")
         if not self.idle_timeout > 0:
-            raise ConfigError(f"--idle-timeout: must be > 0, got {self.idle_timeout}")
+            raise UsageError(f"--idle-timeout: must be > 0, got {self.idle_timeout}")
 
 
 def watch(
@@ -122,6 +122,6 @@ def watch(
             pull.result(timeout=10)
         except (exceptions.GoogleAPICallError, TimeoutError, CancelledError):
             # The pull is over either way; how it ended does not change the report.
-            logger.debug("streaming pull ended", exc_info=True)
+            log.debug("streaming pull ended", exc_info=True)
         subscriber.close()
     return stopped_by, now() - start

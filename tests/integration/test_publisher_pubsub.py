@@ -11,7 +11,7 @@ import orjson
 import pytest
 from google.cloud import pubsub_v1
 
-from publisher.errors import PublishFailed
+from publisher.errors import NotAllPublished
 from publisher.publish import BatchPublisher, LibraryPublisher, Publisher
 from stack import services
 from tests.helpers.pubsub import run_publisher
@@ -179,5 +179,5 @@ def test_publishers_count_failures(publisher_kind: Publisher) -> None:
     sink = publisher_kind.topic(services.unique("absent"))
     for i in range(10):
         sink.send(b"{}", {"n": str(i)})
-    with pytest.raises(PublishFailed, match=r"10 of 10 messages were not published.*NotFound"):
+    with pytest.raises(NotAllPublished, match=r"10 of 10 messages were not published.*NotFound"):
         publisher_kind.wait(timeout=60)

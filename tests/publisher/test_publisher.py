@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from publisher.cli import parse_delay, read_messages
-from publisher.errors import InputError, OutputError
+from publisher.errors import ReadError, WriteError
 from publisher.pacing import RatePacer, SpeedupPacer
 from publisher.progress import Progress
 from publisher.publish import FileSink, MemorySink, Outgoing, StreamOptions, stream
@@ -46,7 +46,7 @@ def test_label_delay_units(text: str, seconds: float) -> None:
 @pytest.mark.parametrize("text", ["", "7w", "-1d", "d", "1.2.3s"])
 def test_label_delay_rejects_other_text(text: str) -> None:
     """Anything else is a usage error that quotes the value."""
-    with pytest.raises(argparse.ArgumentTypeError, match="must be a number with unit"):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number and one of d, h, m, s"):
         parse_delay(text)
 
 
@@ -137,9 +137,9 @@ def test_file_sink_writes_json_lines(tmp_path: Path) -> None:
 
 
 def test_file_sink_names_an_unwritable_path(tmp_path: Path) -> None:
-    """An unwritable file is an OutputError naming the option and path."""
+    """An unwritable file is an WriteError naming the option and path."""
     target = tmp_path / "missing" / "out.jsonl"
-    with pytest.raises(OutputError, match=re.escape(f"--out: cannot write {target}")):
+    with pytest.raises(WriteError, match=re.escape(f"--out: cannot write {target}")):
         FileSink(target)
 
 
@@ -157,10 +157,10 @@ def test_read_messages_keeps_lines_and_ids(tmp_path: Path) -> None:
     [(b'{"a":1}\nnot json\n', ":2: not JSON"), (b"[1,2]\n", ":1: must be a JSON object")],
 )
 def test_read_messages_names_the_bad_line(tmp_path: Path, content: bytes, message: str) -> None:
-    """A bad line is an InputError naming file and line number."""
+    """A bad line is an ReadError naming file and line number."""
     path = tmp_path / "in.jsonl"
     path.write_bytes(content)
-    with pytest.raises(InputError, match=re.escape(f"{path}{message}")):
+    with pytest.raises(ReadError, match=re.escape(f"{path}{message}")):
         list(read_messages(path))
 
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from publisher.display import LiveView, format_live_line, format_report
-from publisher.errors import InputError
+from publisher.errors import ReadError
 from publisher.labels import Label, label_json, load_labels
 from publisher.report import RateMeter, Tally, Verdict, parse_time, parse_verdict
 
@@ -312,9 +312,9 @@ def test_labels_file_errors_name_the_line(tmp_path: Path, content: bytes, messag
     """A labels file with a bad line is refused with its number and the problem."""
     path = tmp_path / "labels.jsonl"
     path.write_bytes(content)
-    with pytest.raises(InputError, match=re.escape(f"--labels: {path}{message}")):
+    with pytest.raises(ReadError, match=re.escape(f"--labels: {path}{message}")):
         load_labels(path)
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(ReadError, match="cannot read"):
         load_labels(tmp_path / "missing.jsonl")
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from publisher.errors import ConfigError
+from publisher.errors import UsageError
 from publisher.simulate import (
     LARGE_AMOUNT,
     MERCHANT_CATEGORIES,
@@ -168,8 +168,8 @@ def test_compromise_rates_scale_with_the_population() -> None:
     ],
 )
 def test_bad_config_is_refused_with_the_field_named(kwargs: dict[str, int], message: str) -> None:
-    """Invalid sizes raise ConfigError (a ValueError) naming field, problem and value."""
-    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+    """Invalid sizes raise UsageError (a ValueError) naming field, problem and value."""
+    with pytest.raises(UsageError, match=re.escape(message)) as info:
         SimulationConfig(**kwargs)  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)
 
@@ -226,7 +226,7 @@ def test_from_day_skips_days_but_keeps_their_ids() -> None:
     later = SimulationConfig(seed=7, customers=300, terminals=600, days=20, from_day=3)
     assert [r.data for r in records(later)] == [r.data for r in full]
     with pytest.raises(
-        ConfigError, match=re.escape("from_day: must be in [0, 19] (days - 1), got 20")
+        UsageError, match=re.escape("from_day: must be in [0, 19] (days - 1), got 20")
     ):
         SimulationConfig(days=20, from_day=20)
 
