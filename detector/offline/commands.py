@@ -14,15 +14,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
-from detector.config import DetectorConfig, build_detector
+from detector.config import (
+    DetectorConfig,
+    build_detector,
+    load_risk_model,
+    load_rules,
+    state_config,
+)
 from detector.engine import Detector
 from detector.errors import InputError
 from detector.offline.labels import parse_time, read_labels
 from detector.offline.parallel import replay_file, workers_for
 from detector.offline.replay import open_input, open_output, replay_path, summary
 from detector.offline.train import Params, train
+from detector.state.redis_store import RedisStore
 from detector.vocabulary import parse_duration
 
 __all__ = ["add_replay", "add_train", "offline_detector"]
@@ -38,10 +48,12 @@ def offline_detector(rules: Path | None, model: str | None) -> Detector:
 
 def _replay(args: argparse.Namespace) -> int:
     """`python -m detector replay`."""
-    detector = offline_detector(args.rules, args.model)
     labels = read_labels(args.labels) if args.labels else None
     delay = parse_duration(args.label_delay, setting="--label-delay")
     until = parse_time(args.until) if args.until else None
+    if args.redis_url is not None:
+        return _replay_on_redis(args, labels, delay, until)
+    detector = offline_detector(args.rules, args.model)
     workers = workers_for(args.input, args.workers)
     if workers > 1 and args.input.is_file():
         if args.output is not None:
@@ -64,6 +76,30 @@ def _replay(args: argparse.Namespace) -> int:
         return 0
 
     print(summary(replay_path(detector, args.input, args.output, labels, delay, until)))
+    return 0
+
+
+def _replay_on_redis(
+    args: argparse.Namespace,
+    labels: Mapping[str, bool] | None,
+    delay: float,
+    until: datetime | None,
+) -> int:
+    """Replay in this process with state in Redis, under a key prefix of its own.
+
+    The prefix is new for each run and its keys are deleted at the end, so the file gets the
+    verdicts it gets with memory state, whatever else the server holds.
+    """
+    config = DetectorConfig(rules_file=args.rules, model_path=args.model)
+    model = load_risk_model(config)
+    store = RedisStore(state_config(model), args.redis_url, prefix=f"replay-{uuid.uuid4().hex}:")
+    try:
+        store.check()
+        detector = Detector(load_rules(config, store.config), store, model)
+        print(summary(replay_path(detector, args.input, args.output, labels, delay, until)))
+    finally:
+        store.drop()
+        store.close()
     return 0
 
 
@@ -98,6 +134,11 @@ def add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--model", help="model artifact (default: the bundled model; 'none' for rules only)"
     )
     parser.add_argument("--until", help="stop at the first transaction at or after this time")
+    parser.add_argument(
+        "--redis-url",
+        help="keep state in this Redis (single node) instead of memory, under a prefix of the "
+        "run's own, deleted at the end; replays in one process",
+    )
     parser.add_argument(
         "--workers",
         type=_workers,

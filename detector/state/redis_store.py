@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -303,22 +303,53 @@ class RedisStore:
     def _run(self, script_name: str, keys: list[str], args: list[str]) -> Any:
         self._connect()
         script = self._observe if script_name == "observe" else self._label
+        return self._guard(script_name, lambda: script(keys=keys, args=args))
+
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run one round trip; Redis errors become the store's transient errors."""
         try:
-            return script(keys=keys, args=args)
+            return call()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-            log.error("redis at %s unreachable during %s: %s", redact(self.url), script_name, error)
+            log.error("redis at %s unreachable during %s: %s", redact(self.url), what, error)
             raise StoreUnavailable(
                 f"redis at {redact(self.url)} unreachable: {error}", resource=redact(self.url)
             ) from error
         except redis.exceptions.RedisError as error:
-            log.error("redis at %s: %s failed: %s", redact(self.url), script_name, error)
+            log.error("redis at %s: %s failed: %s", redact(self.url), what, error)
             raise TransientError(
-                f"redis at {redact(self.url)}: {script_name} failed: {error}",
+                f"redis at {redact(self.url)}: {what} failed: {error}",
                 resource=redact(self.url),
             ) from error
 
     def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
-        """See `detector.state.StateStore.observe`."""
+        """See `detector.state.base.StateStore.observe`."""
+        keys, args, pairs = self._observe_call(event)
+        return self._features(self._run("observe", keys, args), event, pairs, needed)
+
+    def observe_many(
+        self, events: Sequence[Event], needed: frozenset[str] | None = None
+    ) -> list[Features]:
+        """See `detector.state.base.StateStore.observe_many`: one pipelined round trip.
+
+        The scripts run in order, each atomic; a failure of the connection records nothing
+        that the redelivered batch would count twice (each transaction counts once).
+        """
+        if not events:
+            return []
+        self._connect()
+        assert self._client is not None
+        calls = [self._observe_call(event) for event in events]
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in calls:
+            self._observe(keys=keys, args=args, client=pipe)
+        replies = self._guard("observe", pipe.execute)
+        return [
+            self._features(reply, event, pairs, needed)
+            for reply, event, (_, _, pairs) in zip(replies, events, calls, strict=True)
+        ]
+
+    def _observe_call(self, event: Event) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+        """Keys and arguments of the observe script for one event, and its entities."""
         txid = event.transaction_id
         pairs = base.entities_of(event)
         prefix = self.prefix
@@ -338,9 +369,17 @@ class RedisStore:
             )
         )
         ents = "\0".join(f"{kind}:{ident}" for kind, ident in pairs)
-        reply = self._run(
-            "observe", keys, [stamp, txid, member, *self._fixed, ents, *self._window_args]
-        )
+        return keys, [stamp, txid, member, *self._fixed, ents, *self._window_args], pairs
+
+    def _features(
+        self,
+        reply: bytes,
+        event: Event,
+        pairs: list[tuple[str, str]],
+        needed: frozenset[str] | None,
+    ) -> Features:
+        """The observe script's reply as each entity's features."""
+        txid = event.transaction_id
         fields = reply.split(b" ")
         status = fields[0].decode()
         if status == "dup":
@@ -365,12 +404,6 @@ class RedisStore:
             features[kind] = base.select(self._builder.build(kind, event.amount, raws, gap), needed)
         return features
 
-    def observe_many(
-        self, events: Sequence[Event], needed: frozenset[str] | None = None
-    ) -> list[Features]:
-        """See `detector.state.base.StateStore.observe_many`."""
-        return [self.observe(event, needed) for event in events]
-
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
         """See `detector.state.StateStore.record_label`."""
         reply = self._run(
@@ -381,6 +414,22 @@ class RedisStore:
         outcome = LabelOutcome(reply.decode())
         log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
         return outcome
+
+    def drop(self) -> None:
+        """Delete every key under this store's prefix (a replay's own state, when done)."""
+        client = self._connect()
+
+        def unlink_all() -> None:
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=f"{self.prefix}*", count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+
+        self._guard("drop", unlink_all)
 
     def declare_reads(self, reads: Mapping[str, frozenset[str] | None]) -> None:
         """Nothing to prepare: the script computes what each call's `needed` asks."""

@@ -745,3 +745,23 @@ def test_concurrent_redeliveries_count_once(make_store: Factory) -> None:
     got = stores[0].observe(ev("last", 1200, 1.0))["customer"]
     assert got["count_1000s"] == 150.0
     assert got["sum_1000s"] == sum(e.amount for e in events)
+
+
+def test_observe_many_is_observe_one_by_one(make_store: Factory) -> None:
+    """A batch, redeliveries and late events included, gets the features of single calls."""
+    events = [
+        ev("a", 100, 5.0, card="k1", terminal="t1"),
+        ev("b", 101, 7.0, card="k1", terminal="t2"),
+        ev("a", 100, 5.0, card="k1", terminal="t1"),  # redelivered within the batch
+        ev("c", 130, 1.0, card="k2", terminal="t1"),
+        ev("d", 90, 2.0, card="k1", terminal="t1"),  # late, within the lateness
+        ev("e", 20, 3.0, card="k1"),  # too late: scored, not recorded
+        ev("f", 131, 4.0, card="k1", terminal="t2", country="FR"),
+    ]
+    one, many = make_store(), make_store()
+    expected = [one.observe(e) for e in events]
+    got = many.observe_many(events[:3]) + many.observe_many([]) + many.observe_many(events[3:])
+    assert got == expected
+    assert got[1]["card"]["count_10s"] == 1.0  # b sees a
+    assert got[2] == got[0]  # the redelivery is scored like the first delivery
+    assert got[-1]["card"]["count_100s"] == 2.0  # f sees a and b; d and e came too late
