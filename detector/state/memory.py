@@ -542,12 +542,10 @@ class MemoryStore:
         """Compute per kind only what is read (`narrow`), and keep the indexes it reads from
         the first transaction on, also for one only recorded (`track`)."""
         self.narrow(reads)
-        wanted: set[str] = set()
-        for names in reads.values():
-            if names is None:
-                return self.track(None)
-            wanted |= names
-        self.track(frozenset(wanted))
+        if any(names is None for names in reads.values()):
+            self.track(None)
+        else:
+            self.track(frozenset().union(*(names for names in reads.values() if names)))
 
     def narrow(self, reads: Mapping[str, frozenset[str] | None]) -> None:
         """From now on compute, per entity kind, only the features its readers use.
