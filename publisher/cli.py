@@ -426,6 +426,7 @@ def run_republish(args: argparse.Namespace, env: Environment) -> int:
 
 
 def run_watch(args: argparse.Namespace, env: Environment) -> int:
+    # Imported here: rich and the streaming-pull client cost every other command's start.
     from publisher.display import LiveView, format_report
     from publisher.labels import load_labels
     from publisher.report import Tally

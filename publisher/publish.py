@@ -139,6 +139,7 @@ def check_exists(
         get: the client's get_topic or get_subscription, called as get(path, retry, timeout).
         kind: "topic" or "subscription", for the message.
     """
+    # Imported here, as the clients are: gRPC is the slowest import, and `--out` never needs it.
     from google.api_core import exceptions, retry
     from google.auth.exceptions import GoogleAuthError
 
@@ -294,6 +295,7 @@ class BatchPublisher(_Counting):
         max_batches_in_flight: int = FLOW_MESSAGE_LIMIT // BATCH_MAX_MESSAGES,
         threads: int = 4,
     ) -> None:
+        # Imported here: the client pulls in gRPC, which `--out` runs never need.
         from google.auth.exceptions import GoogleAuthError
         from google.pubsub_v1 import PublisherClient, types
 

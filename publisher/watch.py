@@ -60,6 +60,7 @@ def watch(
     Raises:
         PubSubError: the subscription does not exist or Pub/Sub cannot be reached.
     """
+    # Imported here: gRPC is the slowest import of the tools, and only watching needs it.
     from google.api_core import exceptions
     from google.auth.exceptions import GoogleAuthError
     from google.cloud import pubsub_v1

@@ -69,6 +69,7 @@ class PubSubVerdictSink:
         return publisher
 
     def publish(self, topic: str, data: bytes, attributes: Mapping[str, str]) -> str:
+        # Imported here with the client (`_make_client`): part of the slow gRPC imports.
         from google.api_core import exceptions as api_exceptions
 
         publisher = self._publisher()
