@@ -168,14 +168,13 @@ def _demo(args: argparse.Namespace) -> int:
                 idle_timeout=args.idle_timeout,
                 display=view,
             )
-    _say(f"done in {time.monotonic() - started:.0f} s")
+    _say(f"stack stopped; {time.monotonic() - started:.0f} s since the start")
     report = run.report
-    if args.report_json:
-        args.report_json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-        _say(f"report written to {args.report_json}")
-    if args.report_html:
-        args.report_html.write_text(report_html.render(report), encoding="utf-8")
-        _say(f"charts written to {args.report_html}")
+    report_json: Path = args.report_json or args.workdir / "report.json"
+    report_json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    report_page: Path = args.report_html or args.workdir / "report.html"
+    report_page.write_text(report_html.render(report), encoding="utf-8")
+    _say(f"report written to {report_json} and {report_page} (charts)")
     if args.json:
         print(orjson.dumps(report).decode())
     else:
@@ -230,8 +229,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="after the stream, stop waiting for verdicts after this many seconds without one",
     )
     option("--json", action="store_true", help="print the final report as JSON, no live view")
-    option("--report-json", type=Path, metavar="FILE", help="write the report as JSON here")
-    option("--report-html", type=Path, metavar="FILE", help="write the report with charts here")
+    option(
+        "--report-json",
+        type=Path,
+        metavar="FILE",
+        help="write the report as JSON here (default WORKDIR/report.json)",
+    )
+    option(
+        "--report-html",
+        type=Path,
+        metavar="FILE",
+        help="write the report with its charts as one HTML page here (default WORKDIR/report.html)",
+    )
     demo_parser.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     try:
