@@ -335,19 +335,31 @@ class Tally:
         return curve
 
     def _over_time(self, bucket: float = 2.0) -> dict[str, Any]:
-        """Verdicts per second by decision, in buckets of `bucket` seconds of arrival time."""
+        """Verdicts per second by decision, and the delay's p99, per `bucket` seconds of arrival."""
         if not self.seen:
-            return {"bucket_s": bucket, "start_s": [], **{d: [] for d in DECISIONS}}
+            return {
+                "bucket_s": bucket,
+                "start_s": [],
+                **{d: [] for d in DECISIONS},
+                "delay_p99_ms": [],
+            }
         first = min(at for _, at in self.seen.values())
         last = max(at for _, at in self.seen.values())
         count = int((last - first) // bucket) + 1
         series = {d: [0.0] * count for d in DECISIONS}
+        delays: list[list[float]] = [[] for _ in range(count)]
         for obs, at in self.seen.values():
-            series[obs.decision][int((at - first) // bucket)] += 1 / bucket
+            index = int((at - first) // bucket)
+            series[obs.decision][index] += 1 / bucket
+            if obs.delay is not None:
+                delays[index].append(obs.delay)
         return {
             "bucket_s": bucket,
             "start_s": [round(first + i * bucket, 1) for i in range(count)],
             **{d: [round(v, 2) for v in values] for d, values in series.items()},
+            "delay_p99_ms": [
+                round(percentile(sorted(d), 0.99) * 1000, 1) if d else None for d in delays
+            ],
         }
 
 
