@@ -137,6 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
         rate=args.rate,
         label_delay=parse_delay(args.label_delay),
         count=args.count,
+        warm_up=args.warm_up,
     )
     outgoing, truth = demo.messages(config)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"streaming {len(outgoing):,} simulated transactions ({frauds:,} fraud) at "
             f"{config.rate:g}/s: {config.days - config.from_day} days of {config.customers} "
             f"customers and {config.terminals} terminals; chargebacks reach record_feedback "
-            f"{args.label_delay} later in event time"
+            f"{args.label_delay} later in event time; after {config.warm_up:g} s of warm-up"
         )
         # The Pub/Sub clients of this process (publisher, verdict pull) talk to the emulator.
         os.environ.update(PUBSUB_EMULATOR_HOST=stack.emulator, GOOGLE_CLOUD_PROJECT=PROJECT)
@@ -218,6 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Handbook's rate (default {base.compromise_factor:g})",
     )
     option("--count", type=int, help="stream at most N transactions (default: all)")
+    option(
+        "--warm-up",
+        type=float,
+        default=base.warm_up,
+        help="seconds of warm-up traffic before the stream, not reported "
+        f"(default {base.warm_up:g})",
+    )
     option("--label-delay", default="7d", help="from a fraud to its chargeback, event time (7d)")
     option(
         "--rate", type=float, default=base.rate, help=f"messages per second (default {base.rate:g})"

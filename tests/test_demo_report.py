@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stack.demo import DemoStream, label_outcomes, messages
+from stack.demo import DemoStream, label_outcomes, messages, warm_up
 from stack.report import Observed, Reason, Tally, Truth, parse_verdict
 from stack.report_html import render
 
@@ -144,6 +144,22 @@ def test_demo_stream_sends_chargebacks_for_frauds_only() -> None:
     assert frauds
     assert all(m.feedback is not None for m in frauds)
     assert sum(m.feedback is not None for m in outgoing) == len(frauds)
+
+
+def test_warm_up_stays_out_of_the_stream() -> None:
+    """Warm-up traffic: rate x seconds messages, ids and entities of its own, a day earlier."""
+    config = DemoStream(count=500, rate=50, warm_up=2)
+    outgoing, truth = messages(config)
+    warm = warm_up(config, outgoing[0].event_time)
+    assert len(warm) == 100
+    assert not {m.attributes["transaction_id"] for m in warm} & truth.keys()
+    stream_entities = {
+        v for m in outgoing for k, v in orjson.loads(m.data).items() if k.endswith("_id")
+    }
+    warm_entities = {v for m in warm for k, v in orjson.loads(m.data).items() if k.endswith("_id")}
+    assert not stream_entities & warm_entities
+    assert max(m.event_time for m in warm) < outgoing[0].event_time
+    assert all(m.feedback is None for m in warm)
 
 
 def test_html_is_self_contained_with_four_charts(tally: Tally) -> None:
