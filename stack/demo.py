@@ -69,7 +69,7 @@ class DemoStream:
     rate: float = 100.0
     label_delay: float = 7 * 86_400
     count: int | None = None
-    warm_up: float = 5.0
+    warm_up: float = 10.0
 
     @property
     def radius(self) -> float:
@@ -126,9 +126,9 @@ def warm_up(config: DemoStream, before: float) -> list[Outgoing]:
     """Transactions that warm the path up before the measured stream, and are not reported.
 
     A fresh stack is slow for its first seconds (the emulator's push ramps up, each function
-    makes its first connections): at 100/s the first verdicts queue for up to 2 s. A real
-    deployment keeps warm instances; the demo sends `warm_up` seconds of traffic at the same
-    rate first. Their customers, cards and terminals are their own, and their event times
+    makes its first connections): at 100/s the first verdicts queued for up to 2 s, and after
+    5 s of warm-up still for up to 1.1 s (BENCHMARKS.md, "Demo"). A real deployment keeps warm
+    instances; the demo sends `warm_up` seconds of traffic at the same rate first. Their customers, cards and terminals are their own, and their event times
     precede the stream's (`before`) by a day, so no feature of the stream sees them.
     """
     count = round(config.warm_up * config.rate)
