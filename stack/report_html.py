@@ -141,7 +141,7 @@ def score_chart(histogram: Mapping[str, Any]) -> str:
 def threshold_chart(curve: Sequence[Mapping[str, Any]]) -> str:
     """Lines: precision and recall of `score > t` against t."""
     plot = _Plot(1.0, 1.0)
-    parts = _frame(plot, "Precision and recall of score > threshold", "threshold", "")
+    parts = _frame(plot, "Precision and recall vs threshold", "score > threshold", "")
     parts += _legend(["precision", "recall"])
     for name in ("precision", "recall"):
         points = [(p["threshold"], p[name]) for p in curve if p[name] is not None]
