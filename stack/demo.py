@@ -2,12 +2,17 @@
 
 `DemoStream` says what to simulate and how to send it; `messages()` turns it into the
 publisher's `Outgoing` messages plus the ground truth the report needs. The stream is the
-publisher's simulator (the Fraud Detection Handbook's model) with two choices of the demo's own,
-both so that a two-minute run on a laptop shows fraud being caught:
+publisher's simulator (the Fraud Detection Handbook's model) with three choices of the demo's
+own, so that a two-minute run on a laptop shows fraud being caught as it would be at scale
+(the numbers behind them: BENCHMARKS.md, "Demo"):
 
+- a small population keeps the handbook's neighbourhoods: the radius within which a customer
+  uses terminals grows as terminals get fewer, so each customer still uses about 78 of them
+  and each terminal serves about 39 customers. With the book's radius and a few hundred
+  terminals a stolen card's frauds would pile up on two or three terminals;
 - compromises (terminals and cards) happen `compromise_factor` times as often as in the
-  handbook (default 3): at the handbook's rate a 13,000-transaction run holds about 100
-  frauds, at three times about 250 (BENCHMARKS.md, "Demo");
+  handbook, so that a stream short enough to publish in a minute or so holds hundreds of
+  frauds rather than dozens;
 - labels are chargebacks: only frauds are reported back, `label_delay` after the transaction
   in event time. The detector's features count reported frauds; a genuine label changes none.
 
@@ -48,7 +53,7 @@ _BOOK_RADIUS = 5.0
 
 @dataclass(frozen=True)
 class DemoStream:
-    """What the demo streams. Defaults: about 11,000 transactions, 200-250 of them fraud.
+    """What the demo streams; the defaults are `python -m stack demo`'s.
 
     Attributes:
         seed, customers, terminals, days, from_day: as the simulator's (`SimulationConfig`).
@@ -73,7 +78,7 @@ class DemoStream:
 
     @property
     def radius(self) -> float:
-        """The handbook's neighbourhoods at this scale: each customer near ~78 terminals."""
+        """The book's radius scaled so that as many terminals (~78) are near each customer."""
         return _BOOK_RADIUS * math.sqrt(BOOK_TERMINALS / self.terminals)
 
     def simulation(self) -> SimulationConfig:

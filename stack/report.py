@@ -7,8 +7,11 @@ dict whose top-level names are stable (`decisions`, `precision_block`, `recall_b
 "Flagged" is block or review. Recall counts every fraud that was published: a fraud whose
 verdict never arrived is missed.
 
-The publisher's watcher keeps a similar tally; this one also needs the score, the rules and
-the amount of each verdict, and the scenario of each fraud.
+The publisher's watcher keeps a similar tally, with decisions and delays only; this one also
+needs the score, the rules and the amount of each verdict, and the scenario of each fraud.
+When the publisher's own accumulator of verdicts and labels (`publisher/report.py`) covers
+these figures, `Tally.report()` should delegate to it and keep only the demo's extras (the
+chart series), so that `python -m publisher watch` and the demo report the same numbers.
 """
 
 from __future__ import annotations
