@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,27 @@ Ctrl-C stops everything.""",
     return 0
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 of `kind`, or a usage error naming the value."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _delay(text: str) -> str:
+    """An argparse type: a delay the publisher understands (7d, 12h...), kept as written."""
+    parse_delay(text)  # raises ArgumentTypeError, which argparse reports as a usage error
+    return text
+
+
 def _demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     config = demo.DemoStream(
@@ -202,9 +224,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = demo.DemoStream()
     option = demo_parser.add_argument
     option("--seed", type=int, default=base.seed, help=f"default {base.seed}")
-    option("--customers", type=int, default=base.customers, help=f"default {base.customers}")
-    option("--terminals", type=int, default=base.terminals, help=f"default {base.terminals}")
-    option("--days", type=int, default=base.days, help=f"days simulated (default {base.days})")
+    option(
+        "--customers", type=_positive(int), default=base.customers, help=f"default {base.customers}"
+    )
+    option(
+        "--terminals", type=_positive(int), default=base.terminals, help=f"default {base.terminals}"
+    )
+    option(
+        "--days",
+        type=_positive(int),
+        default=base.days,
+        help=f"days simulated (default {base.days})",
+    )
     option(
         "--from-day",
         type=int,
@@ -213,12 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     option(
         "--compromise-factor",
-        type=float,
+        type=_positive(float),
         default=base.compromise_factor,
         help="terminals and cards compromised per day, relative to the Fraud Detection "
         f"Handbook's rate (default {base.compromise_factor:g})",
     )
-    option("--count", type=int, help="stream at most N transactions (default: all)")
+    option("--count", type=_positive(int), help="stream at most N transactions (default: all)")
     option(
         "--warm-up",
         type=float,
@@ -226,13 +257,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds of warm-up traffic before the stream, not reported "
         f"(default {base.warm_up:g})",
     )
-    option("--label-delay", default="7d", help="from a fraud to its chargeback, event time (7d)")
     option(
-        "--rate", type=float, default=base.rate, help=f"messages per second (default {base.rate:g})"
+        "--label-delay",
+        type=_delay,
+        default="7d",
+        help="from a fraud to its chargeback, event time (7d)",
+    )
+    option(
+        "--rate",
+        type=_positive(float),
+        default=base.rate,
+        help=f"messages per second (default {base.rate:g})",
     )
     option(
         "--idle-timeout",
-        type=float,
+        type=_positive(float),
         default=10.0,
         help="after the stream, stop waiting for verdicts after this many seconds without one",
     )

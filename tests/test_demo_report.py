@@ -172,3 +172,26 @@ def test_html_is_self_contained_with_four_charts(tally: Tally) -> None:
     assert "src=" not in page
     assert "href=" not in page
     assert "url(" not in page
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rate", "0"], "argument --rate: must be a finite number > 0, got 0"),
+        (["--customers", "x"], "argument --customers: must be a number, got 'x'"),
+        (
+            ["--label-delay", "7x"],
+            "argument --label-delay: must be a number with unit s, m, h or d",
+        ),
+    ],
+)
+def test_demo_options_are_checked_before_anything_starts(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped option is a usage error naming the option and the value, no traceback."""
+    from stack.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
