@@ -397,8 +397,8 @@ def test_default_ruleset_hit(default: Ruleset) -> None:
             "values": {"amount": 1500.0},
         }
     ]
-    assert default.version == "2026-11-29.1"
-    assert {"amount", "score"} <= default.variables  # score: the model-score rule
+    assert default.version == "2026-12-04.1"
+    assert {"amount", "score"} <= default.variables  # score: the model-block and model-review rules
 
 
 RULES = textwrap.dedent(
