@@ -7,9 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from stack import services
 from tests.helpers.pubsub import PROJECT
+
+# Property tests check results, not speed: on a loaded 2-core machine an example can take
+# longer than hypothesis's default deadline of 200 ms without anything being wrong.
+settings.register_profile("project", deadline=None)
+settings.load_profile("project")
 
 
 @pytest.fixture(scope="session")
