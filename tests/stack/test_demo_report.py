@@ -181,7 +181,7 @@ def test_html_is_self_contained_with_four_charts(tally: Tally) -> None:
         (["--customers", "x"], "argument --customers: must be a number, got 'x'"),
         (
             ["--label-delay", "7x"],
-            "argument --label-delay: must be a number with unit s, m, h or d",
+            "argument --label-delay: expected a number and one of d, h, m, s",
         ),
     ],
 )
