@@ -1,7 +1,8 @@
 """What verdicts say about the detector: decisions, delay and, given the truth, accuracy.
 
-Pure computation, no Pub/Sub and no terminal, so that any reader of verdicts (the watcher,
-the local demo's report) counts the same way:
+Pure computation, no Pub/Sub and no terminal, and the one place these figures are defined:
+`python -m publisher watch` shows them, and the local demo's report (stack/report.py) adds
+only its charts on top, so both count the same way:
 
     tally = Tally(load_labels(path))    # or Tally() without ground truth
     tally.add(parse_verdict(data, attributes, publish_time))
@@ -12,7 +13,9 @@ Vocabulary. *Flagged* is block or review (a person or a rule stopped it); *caugh
 fraud that was flagged, *missed* one that was allowed. *Delay* is the verdict's publish time
 minus its input's publish time (the `source_publish_time` attribute): queueing, the detector
 and the verdict publish, not the watcher's own pull. Recall counts the labelled frauds that
-have a verdict so far, not those still in flight.
+have a verdict so far, not those still in flight; `summary(lost_are_missed=True)` also counts,
+once a stream is over, the labelled frauds whose verdict never came (the demo knows its
+stream exactly; a watcher that joins a subscription midway does not).
 
 `summary()` keys (stable; ratios are None when undefined, e.g. without labels):
 
@@ -29,8 +32,9 @@ have a verdict so far, not those still in flight.
     amount_stopped                  fraud amount blocked
     amount_reviewed                 fraud amount sent to review
     amount_missed                   fraud amount allowed
-    top_rules                       [{"rule", "fired", "labelled", "frauds", "precision"}],
-                                     most fired first (verdict `reasons[].rule`)
+    top_rules                       [{"rule", "action", "shadow", "fired", "labelled", "frauds",
+                                     "precision"}], most fired first (verdict `reasons[]`;
+                                     action and shadow as the rule first fired)
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ import math
 import re
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -52,11 +56,13 @@ __all__ = [
     "DECISIONS",
     "FLAGGED",
     "RateMeter",
+    "Reason",
     "Tally",
     "Verdict",
     "parse_time",
     "parse_verdict",
     "percentile",
+    "ratio",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,20 @@ def parse_time(text: str) -> dt.datetime:
     return parsed
 
 
+class Reason(NamedTuple):
+    """A rule that fired, as a verdict's `reasons[]` names it.
+
+    Attributes:
+        rule: the rule's id.
+        action: what the rule asks for ("block", "review"...), None when the verdict omits it.
+        shadow: the rule runs in shadow mode: it is reported but does not decide.
+    """
+
+    rule: str
+    action: str | None = None
+    shadow: bool = False
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What a report keeps of one verdict message.
@@ -93,18 +113,20 @@ class Verdict:
         decision: "allow", "review", "block", or "unknown" when the message has none.
         delay: seconds from the input's publish to the verdict's publish, if measurable.
         amount: the transaction's amount as the verdict repeats it, if it is a number.
-        rules: the ids of the rules that fired (`reasons[].rule`), most severe first.
+        reasons: the rules that fired (`reasons[]`), most severe first.
+        score: the model's score, if the verdict has one.
     """
 
     transaction_id: str | None
     decision: str
     delay: float | None
     amount: float | None = None
-    rules: tuple[str, ...] = ()
+    reasons: tuple[Reason, ...] = ()
+    score: float | None = None
 
 
-def _amount(value: object) -> float | None:
-    """A verdict's amount: a JSON number or a decimal string (as the contract allows)."""
+def _number(value: object) -> float | None:
+    """A verdict's amount or score: a JSON number or a decimal string (as the contract allows)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
     try:
@@ -114,11 +136,15 @@ def _amount(value: object) -> float | None:
     return amount if math.isfinite(amount) else None
 
 
-def _rules(reasons: object) -> tuple[str, ...]:
+def _reasons(reasons: object) -> tuple[Reason, ...]:
     if not isinstance(reasons, list):
         return ()
     return tuple(
-        reason["rule"]
+        Reason(
+            reason["rule"],
+            reason["action"] if isinstance(reason.get("action"), str) else None,
+            reason.get("shadow") is True,
+        )
         for reason in reasons
         if isinstance(reason, dict) and isinstance(reason.get("rule"), str)
     )
@@ -154,8 +180,9 @@ def parse_verdict(
         transaction_id,
         decision or "unknown",
         delay,
-        _amount(body.get("amount")),
-        _rules(body.get("reasons")),
+        _number(body.get("amount")),
+        _reasons(body.get("reasons")),
+        _number(body.get("score")),
     )
 
 
@@ -165,7 +192,8 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
-def _ratio(part: int, whole: int) -> float | None:
+def ratio(part: int, whole: int) -> float | None:
+    """part / whole to 4 places, as every ratio of the report; None when whole is 0."""
     return round(part / whole, 4) if whole else None
 
 
@@ -195,11 +223,11 @@ class _Matrix:
 
     @property
     def precision(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fp)
+        return ratio(self.tp, self.tp + self.fp)
 
     @property
     def recall(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fn)
+        return ratio(self.tp, self.tp + self.fn)
 
     def as_dict(self) -> dict[str, int]:
         return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn}
@@ -228,9 +256,15 @@ class _Scenario:
 
 @dataclass
 class _Rule:
+    action: str | None
+    shadow: bool
     fired: int = 0
     labelled: int = 0
     frauds: int = 0
+
+
+def _scenario_key(label: Label) -> str:
+    return "unknown" if label.scenario is None else str(label.scenario)
 
 
 @dataclass
@@ -239,6 +273,9 @@ class Tally:
 
     Args:
         labels: transaction id -> truth; None when there is no ground truth.
+
+    Besides the counts it keeps every delay (`delays`, seconds, in arrival order) and the
+    score of every labelled verdict that has one (`scores`, (score, is fraud)), for charts.
     """
 
     labels: Mapping[str, Label] | None = None
@@ -249,6 +286,7 @@ class Tally:
     recent_delays: deque[float] = field(
         default_factory=lambda: deque(maxlen=RECENT_DELAYS), init=False
     )
+    scores: list[tuple[float, bool]] = field(default_factory=list, init=False)
     seen: set[str] = field(default_factory=set, init=False)
     unlabelled: int = field(default=0, init=False)
     block: _Matrix = field(default_factory=_Matrix, init=False)
@@ -271,8 +309,11 @@ class Tally:
         label = None
         if self.labels is not None and verdict.transaction_id is not None:
             label = self.labels.get(verdict.transaction_id)
-        for rule in dict.fromkeys(verdict.rules):  # a rule listed twice fired once
-            counts = self.rules.setdefault(rule, _Rule())
+        fired: dict[str, Reason] = {}  # a rule listed twice fired once
+        for reason in verdict.reasons:
+            fired.setdefault(reason.rule, reason)
+        for reason in fired.values():
+            counts = self.rules.setdefault(reason.rule, _Rule(reason.action, reason.shadow))
             counts.fired += 1
             if label is not None:
                 counts.labelled += 1
@@ -280,11 +321,12 @@ class Tally:
         if label is None:
             self.unlabelled += 1
             return True
+        if verdict.score is not None:
+            self.scores.append((verdict.score, label.is_fraud))
         self.block.add(verdict.decision == "block", label.is_fraud)
         self.flagged.add(verdict.decision in FLAGGED, label.is_fraud)
         if label.is_fraud:
-            key = "unknown" if label.scenario is None else str(label.scenario)
-            scenario = self.scenarios.setdefault(key, _Scenario())
+            scenario = self.scenarios.setdefault(_scenario_key(label), _Scenario())
             scenario.add(verdict.decision, verdict.amount or 0.0)
         return True
 
@@ -297,22 +339,30 @@ class Tally:
     def labelled(self) -> int:
         return self.total - self.unlabelled
 
+    def lost_frauds(self) -> list[Label]:
+        """The labelled frauds that have no verdict (yet)."""
+        if self.labels is None:
+            return []
+        return [
+            label for tid, label in self.labels.items() if label.is_fraud and tid not in self.seen
+        ]
+
     def _decisions(self) -> dict[str, int]:
         decisions = {name: self.decisions.get(name, 0) for name in DECISIONS}
         decisions.update({k: v for k, v in self.decisions.items() if k not in decisions})
         return decisions
 
-    def _quality(self) -> dict[str, Any]:
+    def _quality(self, block: _Matrix, flagged: _Matrix) -> dict[str, Any]:
         return {
             "labelled": self.labelled,
             "unlabelled": self.unlabelled,
-            "frauds": self.block.tp + self.block.fn,
-            "caught_block": self.block.tp,
-            "caught_flagged": self.flagged.tp,
-            "precision_block": self.block.precision,
-            "recall_block": self.block.recall,
-            "precision_flagged": self.flagged.precision,
-            "recall_flagged": self.flagged.recall,
+            "frauds": block.tp + block.fn,
+            "caught_block": block.tp,
+            "caught_flagged": flagged.tp,
+            "precision_block": block.precision,
+            "recall_block": block.recall,
+            "precision_flagged": flagged.precision,
+            "recall_flagged": flagged.recall,
         }
 
     def live(self) -> dict[str, Any]:
@@ -330,7 +380,7 @@ class Tally:
             "duplicates": self.duplicates,
             "decisions": self._decisions(),
             "lag_ms": lag,
-            **self._quality(),
+            **self._quality(self.block, self.flagged),
         }
 
     def delay_ms(self) -> dict[str, float | int | None]:
@@ -346,11 +396,27 @@ class Tally:
             "max": _ms(ordered[-1]),
         }
 
-    def summary(self, top: int = TOP_RULES) -> dict[str, Any]:
-        """The final report as a JSON-ready dict (keys in the module docstring)."""
+    def summary(self, top: int = TOP_RULES, *, lost_are_missed: bool = False) -> dict[str, Any]:
+        """The final report as a JSON-ready dict (keys in the module docstring).
+
+        Args:
+            top: how many rules `top_rules` lists.
+            lost_are_missed: the labels are exactly the stream's transactions and no verdict
+                is still on its way, so a labelled fraud without a verdict was lost: it counts
+                as missed (a false negative, in `frauds` and in its scenario, amount unknown).
+        """
+        block, flagged = self.block, self.flagged
+        scenarios = self.scenarios
+        if lost_are_missed:
+            lost = self.lost_frauds()
+            block = replace(block, fn=block.fn + len(lost))
+            flagged = replace(flagged, fn=flagged.fn + len(lost))
+            scenarios = {key: replace(s) for key, s in scenarios.items()}
+            for label in lost:
+                scenarios.setdefault(_scenario_key(label), _Scenario()).add("lost", 0.0)
         by_scenario = {}
-        for key in sorted(self.scenarios, key=lambda k: (not k.isdigit(), k.zfill(9))):
-            s = self.scenarios[key]
+        for key in sorted(scenarios, key=lambda k: (not k.isdigit(), k.zfill(9))):
+            s = scenarios[key]
             caught = s.blocked + s.reviewed
             by_scenario[key] = {
                 "name": SCENARIOS.get(int(key), f"scenario {key}") if key.isdigit() else key,
@@ -363,25 +429,26 @@ class Tally:
                 "amount_missed": round(s.amount_missed, 2),
             }
         ranked = sorted(self.rules.items(), key=lambda item: (-item[1].fired, item[0]))[:top]
-        scenarios = self.scenarios.values()
         return {
             "verdicts": self.total,
             "duplicates": self.duplicates,
             "decisions": self._decisions(),
             "delay_ms": self.delay_ms(),
-            **self._quality(),
-            "confusion": {"block": self.block.as_dict(), "flagged": self.flagged.as_dict()},
+            **self._quality(block, flagged),
+            "confusion": {"block": block.as_dict(), "flagged": flagged.as_dict()},
             "by_scenario": by_scenario,
-            "amount_stopped": round(sum(s.amount_stopped for s in scenarios), 2),
-            "amount_reviewed": round(sum(s.amount_reviewed for s in scenarios), 2),
-            "amount_missed": round(sum(s.amount_missed for s in scenarios), 2),
+            "amount_stopped": round(sum(s.amount_stopped for s in scenarios.values()), 2),
+            "amount_reviewed": round(sum(s.amount_reviewed for s in scenarios.values()), 2),
+            "amount_missed": round(sum(s.amount_missed for s in scenarios.values()), 2),
             "top_rules": [
                 {
                     "rule": rule,
+                    "action": counts.action,
+                    "shadow": counts.shadow,
                     "fired": counts.fired,
                     "labelled": counts.labelled,
                     "frauds": counts.frauds,
-                    "precision": _ratio(counts.frauds, counts.labelled),
+                    "precision": ratio(counts.frauds, counts.labelled),
                 }
                 for rule, counts in ranked
             ],

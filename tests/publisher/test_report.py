@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from publisher.display import LiveView, format_live_line, format_report
 from publisher.errors import ReadError
 from publisher.labels import Label, label_json, load_labels
-from publisher.report import RateMeter, Tally, Verdict, parse_time, parse_verdict
+from publisher.report import RateMeter, Reason, Tally, Verdict, parse_time, parse_verdict
 
 UTC = dt.UTC
 PUBLISHED = dt.datetime(2026, 1, 2, 3, 4, 5, 500_000, tzinfo=UTC)
@@ -68,7 +68,31 @@ def test_verdict_from_body_when_attributes_lack_it() -> None:
         }
     )
     verdict = parse_verdict(body, {}, PUBLISHED)
-    assert verdict == Verdict("t2", "review", None, 120.5, ("card-velocity-1h", "model-score"))
+    reasons = (Reason("card-velocity-1h"), Reason("model-score"))  # no action, not shadow
+    assert verdict == Verdict("t2", "review", None, 120.5, reasons)
+
+
+def test_verdict_keeps_score_and_what_each_rule_asks() -> None:
+    """Score, and each reason's action and shadow flag, come from the body."""
+    body = {
+        "transaction_id": "t1",
+        "decision": "review",
+        "score": 0.7,
+        "amount": 12.5,
+        "reasons": [
+            {"rule": "model-review", "action": "review", "shadow": False},
+            {"rule": "new-velocity", "action": "block", "shadow": True},
+        ],
+    }
+    attributes = {"source_publish_time": "2026-01-02T03:04:05.250000001Z"}
+    assert parse_verdict(orjson.dumps(body), attributes, PUBLISHED) == Verdict(
+        "t1",
+        "review",
+        0.25,
+        12.5,
+        (Reason("model-review", "review", False), Reason("new-velocity", "block", True)),
+        0.7,
+    )
 
 
 @pytest.mark.parametrize(
@@ -115,6 +139,12 @@ def test_tally_counts_redeliveries_once() -> None:
 
 FRAUD = {n: Label(True, n) for n in (1, 2, 3)}
 GENUINE = Label(False)
+ACTIONS = {"large-amount": "block", "terminal-reported-fraud": "review", "model-score": "review"}
+
+
+def fired(*rules: str) -> tuple[Reason, ...]:
+    """The reasons of a verdict on which these rules fired, each with its action."""
+    return tuple(Reason(rule, ACTIONS[rule]) for rule in rules)
 
 
 def _scored() -> Tally:
@@ -132,15 +162,15 @@ def _scored() -> Tally:
     tally = Tally(labels)
     tally.add_all(
         [
-            Verdict("a", "block", 0.01, 300.0, ("large-amount", "model-score")),
-            Verdict("b", "review", 0.02, 50.0, ("terminal-reported-fraud",)),
+            Verdict("a", "block", 0.01, 300.0, fired("large-amount", "model-score")),
+            Verdict("b", "review", 0.02, 50.0, fired("terminal-reported-fraud")),
             Verdict("c", "allow", 0.03, 40.0),
-            Verdict("d", "block", 0.04, 500.0, ("model-score",)),
-            Verdict("e", "block", 0.05, 1200.0, ("large-amount",)),
-            Verdict("f", "review", 0.06, 20.0, ("model-score",)),
+            Verdict("d", "block", 0.04, 500.0, fired("model-score")),
+            Verdict("e", "block", 0.05, 1200.0, fired("large-amount")),
+            Verdict("f", "review", 0.06, 20.0, fired("model-score")),
             Verdict("g", "allow", 0.07, 10.0),
             Verdict("h", "allow", 0.08, 5.0),
-            Verdict("x", "allow", 0.09, 1.0, ("model-score",)),
+            Verdict("x", "allow", 0.09, 1.0, fired("model-score")),
         ]
     )
     return tally
@@ -217,10 +247,28 @@ def test_summary_ranks_rules_by_firings_with_their_precision() -> None:
     """Rules are listed most fired first; precision counts only labelled firings."""
     rules = _scored().summary()["top_rules"]
     assert rules == [
-        {"rule": "model-score", "fired": 4, "labelled": 3, "frauds": 2, "precision": 0.6667},
-        {"rule": "large-amount", "fired": 2, "labelled": 2, "frauds": 1, "precision": 0.5},
+        {
+            "rule": "model-score",
+            "action": "review",
+            "shadow": False,
+            "fired": 4,
+            "labelled": 3,
+            "frauds": 2,
+            "precision": 0.6667,
+        },
+        {
+            "rule": "large-amount",
+            "action": "block",
+            "shadow": False,
+            "fired": 2,
+            "labelled": 2,
+            "frauds": 1,
+            "precision": 0.5,
+        },
         {
             "rule": "terminal-reported-fraud",
+            "action": "review",
+            "shadow": False,
             "fired": 1,
             "labelled": 1,
             "frauds": 1,
@@ -233,7 +281,7 @@ def test_summary_ranks_rules_by_firings_with_their_precision() -> None:
 def test_summary_keys_are_stable_without_labels() -> None:
     """Without ground truth every key is there; ratios are None, counts zero."""
     tally = Tally()
-    tally.add(Verdict("t1", "block", 0.2, 10.0, ("large-amount",)))
+    tally.add(Verdict("t1", "block", 0.2, 10.0, fired("large-amount")))
     summary = tally.summary()
     assert set(summary) == SUMMARY_KEYS == set(_scored().summary())
     assert summary["labelled"] == 0 and summary["unlabelled"] == 1
@@ -248,6 +296,40 @@ def test_summary_keys_are_stable_without_labels() -> None:
         "max": 200.0,
     }
     assert orjson.loads(orjson.dumps(summary)) == summary
+
+
+def test_lost_frauds_count_as_missed_only_when_asked() -> None:
+    """Once the stream is over, a labelled fraud without a verdict is a miss; before, it is not."""
+    tally = _scored()
+    tally.labels = {**(tally.labels or {}), "lost-1": FRAUD[2], "lost-2": GENUINE}
+    assert tally.lost_frauds() == [FRAUD[2]]
+    before, after = tally.summary(), tally.summary(lost_are_missed=True)
+    assert (before["frauds"], after["frauds"]) == (5, 6)
+    assert after["confusion"]["flagged"] == {"tp": 3, "fp": 2, "fn": 3, "tn": 1}
+    assert after["confusion"]["block"] == {"tp": 2, "fp": 1, "fn": 4, "tn": 2}
+    assert (after["precision_flagged"], after["recall_flagged"]) == (0.6, 0.5)
+    assert (after["precision_block"], after["recall_block"]) == (0.6667, 0.3333)
+    assert after["by_scenario"]["2"] | {"name": ""} == before["by_scenario"]["2"] | {
+        "name": "",
+        "frauds": 3,
+        "missed": 2,
+    }
+    assert after["amount_missed"] == before["amount_missed"]  # a lost verdict has no amount
+    assert tally.summary() == before  # asking did not change the tally
+
+
+def test_scores_are_kept_for_labelled_verdicts() -> None:
+    """Each labelled verdict with a score keeps (score, is fraud); others keep nothing."""
+    tally = Tally({"f": FRAUD[1], "g": GENUINE, "n": GENUINE})
+    tally.add_all(
+        [
+            Verdict("f", "block", None, score=0.9),
+            Verdict("g", "allow", None, score=0.1),
+            Verdict("n", "allow", None),
+            Verdict("stranger", "allow", None, score=0.5),
+        ]
+    )
+    assert tally.scores == [(0.9, True), (0.1, False)]
 
 
 @given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=200))

@@ -53,14 +53,15 @@ def _publish_verdicts(topic: str, numbers: Iterable[int]) -> None:
     """Verdict-shaped messages as detect_fraud publishes them, input published 2 s earlier.
 
     Transaction i: decision block every 20th, review every other 10th, else allow; amount
-    i + 0.5; rule "every-tenth" fires on block and review, "seventh" on every 7th.
+    i + 0.5; rule "every-tenth" (action review) fires on block and review, "seventh" (no
+    action given) on every 7th.
     """
     publisher = pubsub_v1.PublisherClient()
     source = (dt.datetime.now(UTC) - dt.timedelta(seconds=2)).isoformat().replace("+00:00", "Z")
     futures = []
     for i in numbers:
         decision = _decision(i)
-        reasons = [{"rule": "every-tenth"}] if i % 10 == 0 else []
+        reasons = [{"rule": "every-tenth", "action": "review"}] if i % 10 == 0 else []
         reasons += [{"rule": "seventh"}] if i % 7 == 0 else []
         body = orjson.dumps(
             {"transaction_id": f"t{i}", "amount": i + 0.5, "decision": decision, "reasons": reasons}
@@ -124,8 +125,24 @@ def test_watch_reports_verdicts_from_a_subscription(
     }
     assert (report["amount_stopped"], report["amount_missed"]) == (303.0, 5.5)
     assert report["top_rules"] == [
-        {"rule": "seventh", "fired": 18, "labelled": 18, "frauds": 2, "precision": 0.1111},
-        {"rule": "every-tenth", "fired": 12, "labelled": 12, "frauds": 12, "precision": 1.0},
+        {
+            "rule": "seventh",
+            "action": None,
+            "shadow": False,
+            "fired": 18,
+            "labelled": 18,
+            "frauds": 2,
+            "precision": 0.1111,
+        },
+        {
+            "rule": "every-tenth",
+            "action": "review",
+            "shadow": False,
+            "fired": 12,
+            "labelled": 12,
+            "frauds": 12,
+            "precision": 1.0,
+        },
     ]
 
 
