@@ -44,7 +44,7 @@ import logging
 import math
 import re
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -186,8 +186,8 @@ def parse_verdict(
     )
 
 
-def percentile(ordered: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of an ascending, non-empty list."""
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending, non-empty sequence."""
     rank = max(1, math.ceil(fraction * len(ordered)))
     return ordered[rank - 1]
 

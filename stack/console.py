@@ -15,7 +15,7 @@ from rich.live import Live as RichLive
 from rich.table import Table
 from rich.text import Text
 
-from stack.report import DECISIONS, Live
+from publisher.report import DECISIONS
 
 __all__ = ["LiveView", "live_view", "print_report", "report_tables"]
 
@@ -40,24 +40,29 @@ class LiveView:
     def __init__(self, live: RichLive) -> None:
         self._live = live
 
-    def update(self, figures: Live, sent: int, total: int, elapsed: float) -> None:
-        self._live.update(live_table(figures, sent, total, elapsed))
+    def update(
+        self, figures: Mapping[str, Any], rate: float, sent: int, total: int, elapsed: float
+    ) -> None:
+        self._live.update(live_table(figures, rate, sent, total, elapsed))
 
 
-def live_table(figures: Live, sent: int, total: int, elapsed: float) -> Table:
-    """The live panel's table."""
+def live_table(
+    figures: Mapping[str, Any], rate: float, sent: int, total: int, elapsed: float
+) -> Table:
+    """The live panel's table, of `Tally.live()` and the verdicts' rate."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
     table.add_row("elapsed", f"{elapsed:,.0f} s")
     table.add_row("published", f"{sent:,} / {total:,}")
-    table.add_row("verdicts", f"{figures.verdicts:,}  ({figures.rate:,.0f}/s)")
+    table.add_row("verdicts", f"{figures['verdicts']:,}  ({rate:,.0f}/s)")
     decisions = Text()
     for name in DECISIONS:
-        decisions.append(f"{name} {figures.decisions.get(name, 0):,}  ", style=_STYLE[name])
+        decisions.append(f"{name} {figures['decisions'].get(name, 0):,}  ", style=_STYLE[name])
     table.add_row("decisions", decisions)
-    table.add_row("lag", f"p50 {_ms(figures.lag_p50_ms)}  p99 {_ms(figures.lag_p99_ms)}")
-    table.add_row("frauds caught", f"{figures.caught:,} of {figures.frauds:,} so far")
+    lag = figures["lag_ms"]
+    table.add_row("lag", f"p50 {_ms(lag['p50'])}  p99 {_ms(lag['p99'])}")
+    table.add_row("frauds caught", f"{figures['caught_flagged']:,} of {figures['frauds']:,} so far")
     return table
 
 
@@ -128,7 +133,7 @@ def report_tables(report: Mapping[str, Any]) -> Group:
     for column in ("rule", "action", "fired", "fraud", "precision"):
         rules.add_column(column, justify="left" if column in ("rule", "action") else "right")
     for row in report["rules"]:
-        action = row["action"] + (" (shadow)" if row["shadow"] else "")
+        action = (row["action"] or "-") + (" (shadow)" if row["shadow"] else "")
         rules.add_row(
             row["rule"], action, f"{row['fired']:,}", f"{row['fraud']:,}", _ratio(row["precision"])
         )

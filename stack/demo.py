@@ -17,8 +17,9 @@ own, so that a two-minute run on a laptop shows fraud being caught as it would b
   in event time. The detector's features count reported frauds; a genuine label changes none.
 
 `run()` is the edge: it publishes with the publisher's own paced loop in a thread, pulls the
-verdicts from a subscription into a `stack.report.Tally`, shows live figures, and reads how
-many labels record_feedback applied from its log (one JSON entry per label, with `outcome`).
+verdicts from a subscription into a `stack.report.Tally`, shows live figures (those of
+`python -m publisher watch`), and reads how many labels record_feedback applied from its log
+(one JSON entry per label, with `outcome`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,12 @@ from typing import Any, Protocol
 
 import orjson
 
+from publisher.labels import Label
 from publisher.pacing import RatePacer, SystemClock
 from publisher.publish import Outgoing, StreamOptions, StreamSummary, make_publisher, stream
+from publisher.report import RateMeter, Verdict, parse_verdict
 from publisher.simulate import BOOK_CUSTOMERS, BOOK_TERMINALS, SimulationConfig, records
-from stack.report import Live, Observed, Tally, Truth, parse_verdict
+from stack.report import Tally
 
 __all__ = ["DemoStream", "Run", "label_outcomes", "messages", "publish", "run", "warm_up"]
 
@@ -103,18 +106,18 @@ class DemoStream:
         return self.simulation().start
 
 
-def messages(config: DemoStream) -> tuple[list[Outgoing], dict[str, Truth]]:
+def messages(config: DemoStream) -> tuple[list[Outgoing], dict[str, Label]]:
     """The messages to publish, in event-time order, and the truth of each transaction.
 
     Each transaction carries its label line (for the side file) and, when it is a fraud, the
     chargeback to send to the feedback topic once `label_delay` of event time has passed.
     """
     outgoing: list[Outgoing] = []
-    truth: dict[str, Truth] = {}
+    truth: dict[str, Label] = {}
     for record in records(config.simulation()):
         if config.count is not None and len(outgoing) >= config.count:
             break
-        truth[record.transaction_id] = Truth(record.is_fraud, record.scenario)
+        truth[record.transaction_id] = Label(record.is_fraud, record.scenario)
         outgoing.append(
             Outgoing(
                 data=record.data,
@@ -230,15 +233,20 @@ def label_outcomes(log: Path) -> Counter[str]:
 
 
 class Display(Protocol):
-    """Where live figures go; `stack.console.LiveView` draws them in the terminal."""
+    """Where live figures go; `stack.console.LiveView` draws them in the terminal.
 
-    def update(self, live: Live, sent: int, total: int, elapsed: float) -> None: ...
+    `live` is `Tally.live()`, `rate` verdicts per second over the last few seconds.
+    """
+
+    def update(
+        self, live: Mapping[str, Any], rate: float, sent: int, total: int, elapsed: float
+    ) -> None: ...
 
 
 def run(
     config: DemoStream,
     outgoing: list[Outgoing],
-    truth: dict[str, Truth],
+    truth: dict[str, Label],
     *,
     project: str,
     emulator: str,
@@ -260,7 +268,8 @@ def run(
     from google.cloud.pubsub_v1 import types
 
     tally = Tally(truth)
-    inbox: queue.SimpleQueue[Observed | None] = queue.SimpleQueue()
+    meter = RateMeter()
+    inbox: queue.SimpleQueue[Verdict] = queue.SimpleQueue()
 
     def on_message(message: Any) -> None:
         inbox.put(parse_verdict(message.data, dict(message.attributes), message.publish_time))
@@ -304,11 +313,12 @@ def run(
     last_verdict = last_counted = start
     drawn = 0.0
     try:
-        while len(tally.seen) < len(truth):
+        while tally.verdicts < len(truth):
             if pull.done():
                 raise RuntimeError(
                     f"pulling verdicts from {subscription} failed: {pull.exception()}"
                 )
+            observed: Verdict | None
             try:
                 observed = inbox.get(timeout=0.1)
             except queue.Empty:
@@ -324,7 +334,8 @@ def run(
                 break
             if display is not None and now - drawn >= 0.25:
                 drawn = now
-                display.update(tally.live(now - start), sent, len(outgoing), now - start)
+                meter.observe(now, tally.verdicts)
+                display.update(tally.live(), meter.rate, sent, len(outgoing), now - start)
     finally:
         pull.cancel()
         # The pull is over either way; how it ended does not change the report.
@@ -336,7 +347,8 @@ def run(
         raise outcome["error"]
     summary: StreamSummary = outcome["summary"]
     if display is not None:
-        display.update(tally.live(last_counted - start), sent, len(outgoing), last_counted - start)
+        elapsed = last_counted - start
+        display.update(tally.live(), meter.rate, sent, len(outgoing), elapsed)
     # The stream's time: first message sent (after the warm-up) to the last verdict counted.
     seconds = last_counted - (stream_start if stream_start is not None else start)
     applied = _wait_for_labels(feedback_log, summary.feedback_sent, idle_timeout)
@@ -349,7 +361,7 @@ def run(
     report["labels_outcomes"] = dict(applied)
     report["published_rate"] = round(summary.rate, 1)
     report["warm_up"] = {"transactions": len(warm), "verdicts": tally.unknown}
-    return Run(report, complete=len(tally.seen) == len(truth))
+    return Run(report, complete=tally.verdicts == len(truth))
 
 
 def _wait_for_labels(log: Path, sent: int, idle_timeout: float) -> Counter[str]:

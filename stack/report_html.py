@@ -227,7 +227,7 @@ def _figures(report: Mapping[str, Any]) -> str:
         for s in report["scenarios"]
     )
     rule_rows = "".join(
-        f"<tr><td>{html.escape(r['rule'])}</td><td>{html.escape(r['action'])}"
+        f"<tr><td>{html.escape(r['rule'])}</td><td>{html.escape(r['action'] or '-')}"
         f"{' (shadow)' if r['shadow'] else ''}</td><td>{r['fired']:,}</td>"
         f"<td>{r['fraud']:,}</td><td>{_ratio(r['precision'])}</td></tr>"
         for r in report["rules"]

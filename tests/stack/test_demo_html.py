@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stack.report import Observed, Reason, Tally, Truth
+from publisher.labels import Label
+from publisher.report import Reason, Verdict
+from stack.report import Tally
 from stack.report_html import render
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -32,14 +34,14 @@ pytestmark = pytest.mark.skipif(
 def sample_report() -> dict[str, object]:
     """A report from 2,000 made-up verdicts: frauds score high, delays spread over 30-400 ms."""
     rng = random.Random(18)
-    truth = {f"t{i}": Truth(i % 40 == 0, 1 + i % 3 if i % 40 == 0 else None) for i in range(2000)}
+    truth = {f"t{i}": Label(i % 40 == 0, 1 + i % 3 if i % 40 == 0 else None) for i in range(2000)}
     tally = Tally(truth)
     for i, (tid, fact) in enumerate(truth.items()):
         score = min(0.999, rng.betavariate(5, 1.5) if fact.is_fraud else rng.betavariate(1, 30))
         decision = "block" if score > 0.9 else "review" if score > 0.5 else "allow"
         reasons = (Reason(f"model-{decision}", decision, False),) if decision != "allow" else ()
-        observed = Observed(tid, decision, score, 20.0 + i % 50, reasons, rng.uniform(0.03, 0.4))
-        tally.add(observed, i / 100)
+        verdict = Verdict(tid, decision, rng.uniform(0.03, 0.4), 20.0 + i % 50, reasons, score)
+        tally.add(verdict, i / 100)
     return tally.report(rate=100.0, seconds=20.0, labels_sent=50, labels_applied=50)
 
 
