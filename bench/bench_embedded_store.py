@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _report import header, table
 
-from stack.services import Process, free_port, package_binary, start
+from stack.services import Process, free_port, package_binary, start, store_command
 
 #: Shaped like the state store's observe script: a sorted set per entity, trimmed to a window.
 SCRIPT = """
@@ -99,20 +99,7 @@ def launch(binary: Path, workdir: Path) -> tuple[Process, int, float]:
     port = free_port()
     began = time.perf_counter()
     process = start(
-        # The stack's argv (stack/services.py, redis_server).
-        [
-            str(binary),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
+        store_command(binary, port, workdir),
         workdir / f"server-{port}.log",
         cwd=workdir,
     )

@@ -73,7 +73,8 @@ def parse_delay(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error).partition(": ")[2]) from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1, or a usage error quoting the text."""
     try:
         value = int(text)
     except ValueError:
@@ -83,7 +84,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0, or a usage error quoting the text."""
     try:
         value = int(text)
     except ValueError:
@@ -93,7 +95,8 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0, or a usage error quoting the text."""
     try:
         value = float(text)
     except ValueError:
@@ -124,13 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out. Defaults are the book's scale (5,000 customers, 10,000 terminals, 183 days: "
         "about 1.75 M transactions); use --count or a smaller scale for a live run.",
     )
-    sim.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
-    sim.add_argument("--customers", type=_positive_int, default=5_000, help="default 5000")
-    sim.add_argument("--terminals", type=_positive_int, default=10_000, help="default 10000")
-    sim.add_argument("--days", type=_positive_int, default=183, help="default 183")
+    sim.add_argument("--seed", type=non_negative_int, default=0, help="default 0")
+    sim.add_argument("--customers", type=positive_int, default=5_000, help="default 5000")
+    sim.add_argument("--terminals", type=positive_int, default=10_000, help="default 10000")
+    sim.add_argument("--days", type=positive_int, default=183, help="default 183")
     sim.add_argument(
         "--merchants",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="merchants running the terminals, a few large chains and many small shops "
         f"(at most --terminals; default one per {TERMINALS_PER_MERCHANT} terminals; "
         "0: transactions carry no merchant)",
@@ -138,17 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--start", type=_date, default=dt.date(2018, 4, 1), help="default 2018-04-01")
     sim.add_argument(
         "--from-day",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="start at day N of the period (earlier days are simulated, not sent): "
         "fraud builds up over the first ~28 days (default 0)",
     )
-    sim.add_argument("--count", type=_positive_int, help="stop after N transactions")
-    sim.add_argument("--duration", type=_positive_float, help="stop after SECONDS of wall time")
+    sim.add_argument("--count", type=positive_int, help="stop after N transactions")
+    sim.add_argument("--duration", type=positive_float, help="stop after SECONDS of wall time")
     pace = sim.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
+    pace.add_argument("--rate", type=positive_float, help="messages per second (default: max)")
     pace.add_argument(
-        "--speedup", type=_positive_float, help="play event time X times faster than real"
+        "--speedup", type=positive_float, help="play event time X times faster than real"
     )
     sim.add_argument("--out", type=Path, help="write JSON lines here instead of publishing")
     sim.add_argument("--labels", type=Path, help="write ground-truth labels (JSON lines) here")
@@ -177,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repub.add_argument("file", type=Path, metavar="FILE.jsonl")
     repub.add_argument("--topic", default=DEFAULT_TOPIC, help=f"default {DEFAULT_TOPIC}")
-    repub.add_argument("--rate", type=_positive_float, help="messages per second (default: max)")
-    repub.add_argument("--count", type=_positive_int, help="stop after N messages")
+    repub.add_argument("--rate", type=positive_float, help="messages per second (default: max)")
+    repub.add_argument("--count", type=positive_int, help="stop after N messages")
     repub.add_argument("--project", help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
     repub.add_argument(
         "--publisher", choices=("batch", "library"), default="batch", help=PUBLISHER_HELP
@@ -195,16 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wat.add_argument("--subscription", required=True, help="a subscription to the verdict topic")
     wat.add_argument("--labels", type=Path, help="labels file from simulate --labels")
-    wat.add_argument("--count", type=_positive_int, help="stop after N verdicts")
+    wat.add_argument("--count", type=positive_int, help="stop after N verdicts")
     wat.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         help="stop after SECONDS without a verdict (default 10)",
     )
     wat.add_argument(
         "--interval",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         help="seconds between lines of live figures when the output is not a terminal "
         "(on a terminal they are redrawn in place; default 5)",

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from publisher.cli import parse_delay
+from publisher.cli import parse_delay, positive_float, positive_int
 from publisher.errors import PublisherError
 from stack import console, demo, report_html
 from stack.services import ROOT, function_server, pubsub_emulator, redis_server, store_binary
@@ -131,21 +130,6 @@ Ctrl-C stops everything.""",
     return 0
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
-    """An argparse type: a finite number > 0 of `kind`, or a usage error naming the value."""
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return value
-
-    return parse
-
-
 def _delay(text: str) -> str:
     """An argparse type: a delay the publisher understands (7d, 12h...), kept as written."""
     parse_delay(text)  # raises ArgumentTypeError, which argparse reports as a usage error
@@ -230,14 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     option = demo_parser.add_argument
     option("--seed", type=int, default=base.seed, help=f"default {base.seed}")
     option(
-        "--customers", type=_positive(int), default=base.customers, help=f"default {base.customers}"
+        "--customers", type=positive_int, default=base.customers, help=f"default {base.customers}"
     )
     option(
-        "--terminals", type=_positive(int), default=base.terminals, help=f"default {base.terminals}"
+        "--terminals", type=positive_int, default=base.terminals, help=f"default {base.terminals}"
     )
     option(
         "--days",
-        type=_positive(int),
+        type=positive_int,
         default=base.days,
         help=f"days simulated (default {base.days})",
     )
@@ -249,12 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     option(
         "--compromise-factor",
-        type=_positive(float),
+        type=positive_float,
         default=base.compromise_factor,
         help="terminals and cards compromised per day, relative to the Fraud Detection "
         f"Handbook's rate (default {base.compromise_factor:g})",
     )
-    option("--count", type=_positive(int), help="stream at most N transactions (default: all)")
+    option("--count", type=positive_int, help="stream at most N transactions (default: all)")
     option(
         "--warm-up",
         type=float,
@@ -270,13 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     option(
         "--rate",
-        type=_positive(float),
+        type=positive_float,
         default=base.rate,
         help=f"messages per second (default {base.rate:g})",
     )
     option(
         "--idle-timeout",
-        type=_positive(float),
+        type=positive_float,
         default=10.0,
         help="after the stream, stop waiting for verdicts after this many seconds without one",
     )

@@ -157,6 +157,23 @@ def embedded_store_binary() -> Path | None:
     return package_binary(*EMBEDDED_STORE)
 
 
+def store_command(binary: Path, port: int, workdir: Path) -> list[str]:
+    """How the stack starts a Redis-compatible server: loopback only, nothing kept on disk."""
+    return [
+        str(binary),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+
+
 def store_binary(search_path: str | None = None) -> Path | None:
     """The server to run as the shared store: redis-server on the PATH, else the embedded one.
 
@@ -190,22 +207,7 @@ def redis_server(workdir: Path, binary: Path | None = None) -> Iterator[str]:
             f"or the {EMBEDDED_STORE[0]} Python package (in requirements-dev.txt)"
         )
     port = free_port()
-    process = start(
-        [
-            str(binary),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        workdir / "redis.log",
-    )
+    process = start(store_command(binary, port, workdir), workdir / "redis.log")
     url = f"redis://127.0.0.1:{port}/0"
     try:
         deadline = time.monotonic() + 30

@@ -167,7 +167,7 @@ def test_html_is_self_contained_with_four_charts(tally: Tally) -> None:
     ("argv", "message"),
     [
         (["--rate", "0"], "argument --rate: must be a finite number > 0, got 0"),
-        (["--customers", "x"], "argument --customers: must be a number, got 'x'"),
+        (["--customers", "x"], "argument --customers: must be an integer, got 'x'"),
         (
             ["--label-delay", "7x"],
             "argument --label-delay: expected a number and one of d, h, m, s",
