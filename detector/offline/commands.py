@@ -32,7 +32,6 @@ from detector.offline.labels import parse_time, read_labels
 from detector.offline.parallel import replay_file, workers_for
 from detector.offline.replay import open_input, open_output, replay_path, summary
 from detector.offline.train import Params, train
-from detector.state.redis_store import RedisStore
 from detector.vocabulary import parse_duration
 
 __all__ = ["add_replay", "add_train", "offline_detector"]
@@ -90,6 +89,10 @@ def _replay_on_redis(
     The prefix is new for each run and its keys are deleted at the end, so the file gets the
     verdicts it gets with memory state, whatever else the server holds.
     """
+    # Imported here: redis-py costs every other command about 0.2 s of CPU and 17 MB at start
+    # (BENCHMARKS.md, "Cold start").
+    from detector.state.redis_store import RedisStore
+
     config = DetectorConfig(rules_file=args.rules, model_path=args.model)
     model = load_risk_model(config)
     store = RedisStore(state_config(model), args.redis_url, prefix=f"replay-{uuid.uuid4().hex}:")
