@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import sys
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, NamedTuple
@@ -27,6 +26,15 @@ _DECIMAL = re.compile(r"\s*[0-9]+(\.[0-9]+)?\s*")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 #: Limit of every text field (`customer_id`, `merchant`...), in characters.
 TEXT_MAX = 256
+#: Largest amount accepted, in the currency's major unit: far above any real payment, and
+#: small enough that sums over a month of an entity's transactions stay exact to the cent.
+AMOUNT_MAX = 1e12
+_AMOUNT_MAX_TEXT = "1e12"  # as people write it; f"{1e12:g}" gives 1e+12
+#: C0 controls, DEL and C1 controls: never part of an id or a name, and a NUL or a newline
+#: in one can break every store or log format that joins fields.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: The same set as a JSON Schema pattern (whole string free of them).
+_NO_CONTROL_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
 
 
 def _amount(value: Any) -> float:
@@ -47,7 +55,22 @@ def _amount(value: Any) -> float:
         raise ValueError(f"must be finite, got {value!r}")
     if number < 0:
         raise ValueError(f"must be >= 0, got {value!r}")
+    if number > AMOUNT_MAX:
+        raise ValueError(f"must be <= {_AMOUNT_MAX_TEXT}, got {value!r}")
     return number
+
+
+def _no_control(value: str) -> str:
+    """A text field's value if it holds no control character (C0, DEL, C1)."""
+    if value.isprintable():  # the usual case, in C; printable text holds no control character
+        return value
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise ValueError(
+            f"must not contain control characters, got U+{ord(found.group()):04X}"
+            f" at position {found.start() + 1}"
+        )
+    return value
 
 
 def _timestamp(value: Any) -> datetime:
@@ -110,8 +133,6 @@ class Transaction(_Fields):
 #: The optional text fields after `timestamp`, in declaration order.
 _TEXT_FIELDS = Transaction._fields[5:]
 _new = tuple.__new__
-#: The largest finite float: `0 <= x <= _FLOAT_MAX` is false for NaN and infinities.
-_FLOAT_MAX = sys.float_info.max
 
 
 @functools.cache
@@ -122,7 +143,14 @@ def schema_model() -> Any:
     """
     from typing import Annotated
 
-    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+    from pydantic import (
+        AfterValidator,
+        BaseModel,
+        BeforeValidator,
+        ConfigDict,
+        Field,
+        WithJsonSchema,
+    )
 
     amount_type = Annotated[
         float,
@@ -130,11 +158,11 @@ def schema_model() -> Any:
         WithJsonSchema(
             {
                 "anyOf": [
-                    {"type": "number", "minimum": 0},
+                    {"type": "number", "minimum": 0, "maximum": AMOUNT_MAX},
                     {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"},
                 ],
                 "description": "Amount in the currency's major unit: a JSON number or a "
-                "decimal string.",
+                f"decimal string, at most {_AMOUNT_MAX_TEXT}.",
             }
         ),
     ]
@@ -143,7 +171,16 @@ def schema_model() -> Any:
         BeforeValidator(_timestamp),
         WithJsonSchema({"type": "string", "format": "date-time", "description": "RFC 3339."}),
     ]
-    text = Annotated[str, Field(min_length=1, max_length=TEXT_MAX, strict=True)]
+    text = Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=TEXT_MAX,
+            strict=True,
+            json_schema_extra={"pattern": _NO_CONTROL_PATTERN},
+        ),
+        AfterValidator(_no_control),
+    ]
     currency_type = Annotated[str, Field(pattern=r"^[A-Z]{3}$", strict=True)]
 
     class Transaction(BaseModel):
@@ -200,19 +237,26 @@ def validate(raw: dict[str, Any]) -> Transaction:
     # doubt falls through to the complete check, which also writes the problems.
     texts_ok = True
     for value in texts:
-        if value is not None and (type(value) is not str or not 0 < len(value) <= TEXT_MAX):
+        if value is not None and (
+            type(value) is not str or not 0 < len(value) <= TEXT_MAX or not value.isprintable()
+        ):
             texts_ok = False
             break
     amount_type = type(amount)
     if (
         texts_ok
         and (amount_type is float or amount_type is int)
-        and 0 <= amount <= _FLOAT_MAX
+        and 0 <= amount <= AMOUNT_MAX
         and type(customer_id) is str
         and 0 < len(customer_id) <= TEXT_MAX
+        and customer_id.isprintable()
         and (
             transaction_id is None
-            or (type(transaction_id) is str and 0 < len(transaction_id) <= TEXT_MAX)
+            or (
+                type(transaction_id) is str
+                and 0 < len(transaction_id) <= TEXT_MAX
+                and transaction_id.isprintable()
+            )
         )
         and (currency == "USD" or (type(currency) is str and _CURRENCY.fullmatch(currency)))
         and VERDICT_FIELDS.isdisjoint(raw)
