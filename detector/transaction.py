@@ -15,7 +15,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import orjson
 
-from detector.errors import InvalidJSON, InvalidTransaction
+from detector.errors import ConfigError, InvalidJSON, InvalidTransaction
+from detector.vocabulary import format_duration
 
 #: Fields a verdict adds; a transaction may not carry them itself.
 VERDICT_FIELDS = frozenset(
@@ -353,6 +354,49 @@ def decode(data: bytes, *, avro_json: bool = False) -> tuple[dict[str, Any], Tra
     if avro_json:
         raw = unwrap_avro_json(raw)
     return raw, validate(raw)
+
+
+#: Default of MAX_CLOCK_SKEW, in seconds.
+DEFAULT_MAX_CLOCK_SKEW = 300.0
+
+
+def check_clock_skew(
+    transaction: Transaction,
+    reference: datetime,
+    max_skew: float,
+    *,
+    reference_name: str = "publish time",
+) -> None:
+    """Refuse a transaction dated more than `max_skew` seconds after `reference`.
+
+    Event time comes from the sender; one transaction dated next year would otherwise move the
+    state's notion of "now" and make every later transaction look late. The reference is a time
+    the sender does not choose: the message's publish time, or the receive time over HTTP.
+    A transaction without `timestamp` takes the reference as its time and always passes.
+
+    Args:
+        max_skew: seconds a sender's clock may run ahead (MAX_CLOCK_SKEW).
+        reference_name: how the error names `reference` ("publish time", "receive time").
+
+    Raises:
+        InvalidTransaction: naming `timestamp`, the limit and the value.
+    """
+    moment = transaction.timestamp
+    if moment is None or (moment - reference).total_seconds() <= max_skew:
+        return
+    try:
+        limit = format_duration(max_skew)
+    except ConfigError:  # not whole seconds
+        limit = f"{max_skew:g}s"
+    raise InvalidTransaction(
+        [
+            (
+                "timestamp",
+                f"must be at most {limit} after the {reference_name} {rfc3339(reference)},"
+                f" got {moment.isoformat().replace('+00:00', 'Z')!r}",
+            )
+        ]
+    )
 
 
 def rfc3339(moment: datetime) -> str:

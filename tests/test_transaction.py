@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -10,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from detector.errors import InvalidJSON, InvalidTransaction
-from detector.transaction import AMOUNT_MAX, VERDICT_FIELDS, decode, unwrap_avro_json
+from detector.transaction import (
+    AMOUNT_MAX,
+    VERDICT_FIELDS,
+    check_clock_skew,
+    decode,
+    unwrap_avro_json,
+)
 
 BLOG = {"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}
 
@@ -208,3 +215,44 @@ def test_other_unicode_text_is_accepted() -> None:
     """Letters, spaces and symbols beyond ASCII are not control characters."""
     _, transaction = decode(orjson.dumps({"amount": 1, "customer_id": "Zoë\u00a0Ωmega 東京"}))
     assert transaction.customer_id == "Zoë\u00a0Ωmega 東京"
+
+
+PUBLISHED_AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "valid"),
+    [
+        ("2026-11-29T12:05:00Z", True),  # exactly the allowed skew
+        ("2026-11-29T12:05:00.001Z", False),
+        ("2027-11-29T12:00:00Z", False),
+        ("2026-11-29T14:04:00+02:00", True),  # offsets compare as instants
+        ("2018-01-01T00:00:00Z", True),  # the past is lateness, judged by the store
+    ],
+)
+def test_a_transaction_dated_too_far_after_its_publish_time_is_invalid(
+    timestamp: str, valid: bool
+) -> None:
+    """More than max_skew after the reference time names `timestamp`, the limit and the value."""
+    _, transaction = decode(orjson.dumps({"amount": 1, "customer_id": "c", "timestamp": timestamp}))
+    if valid:
+        check_clock_skew(transaction, PUBLISHED_AT, 300.0)
+        return
+    with pytest.raises(InvalidTransaction) as caught:
+        check_clock_skew(transaction, PUBLISHED_AT, 300.0)
+    assert caught.value.error_type == "invalid_transaction"
+    sent = datetime.fromisoformat(timestamp).isoformat().replace("+00:00", "Z")
+    assert str(caught.value) == (
+        f"timestamp: must be at most 5m after the publish time 2026-11-29T12:00:00Z, got {sent!r}"
+    )
+
+
+def test_clock_skew_names_the_receive_time_and_ignores_undated_transactions() -> None:
+    """The HTTP path's reference is named as such; a transaction without timestamp passes."""
+    _, undated = decode(b'{"amount": 1, "customer_id": "c"}')
+    check_clock_skew(undated, PUBLISHED_AT, 0.0)
+    _, dated = decode(b'{"amount": 1, "customer_id": "c", "timestamp": "2026-11-29T12:01:31Z"}')
+    with pytest.raises(
+        InvalidTransaction, match=r"^timestamp: must be at most 90s after the receive time "
+    ):
+        check_clock_skew(dated, PUBLISHED_AT, 90.0, reference_name="receive time")

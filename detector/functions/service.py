@@ -26,7 +26,7 @@ from detector.errors import (
 )
 from detector.functions.settings import Settings
 from detector.functions.sinks import VerdictSink
-from detector.transaction import decode, rfc3339
+from detector.transaction import check_clock_skew, decode, rfc3339
 
 __all__ = ["Message", "Service", "error_body", "label_model", "parse_envelope"]
 
@@ -146,10 +146,12 @@ class Service:
             TransientError: publishing failed; the message must be redelivered.
             TransientError: the state store or a publish failed; the message must be redelivered.
         """
+        now = self.clock()
         try:
             message = parse_envelope(envelope)
             avro_json = message.attributes.get("googclient_schemaencoding") == "JSON"
             raw, transaction = decode(message.data, avro_json=avro_json)
+            check_clock_skew(transaction, message.publish_time or now, self.settings.max_clock_skew)
         except InvalidMessage as error:
             fallback = Message(data=orjson.dumps(envelope, default=str))
             self.dead_letter(fallback, error)
@@ -157,7 +159,6 @@ class Service:
         except MessageError as error:
             self.dead_letter(message, error)
             return None
-        now = self.clock()
         try:
             verdict = self.detector.decide(
                 raw,
@@ -187,8 +188,12 @@ class Service:
 
     def on_request(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """Decide on a transaction posted over HTTP; returns (status, JSON body)."""
+        now = self.clock()
         try:
             raw, transaction = decode(body)
+            check_clock_skew(
+                transaction, now, self.settings.max_clock_skew, reference_name="receive time"
+            )
         except MessageError as error:
             log.info(
                 "rejected HTTP transaction: %s",
@@ -196,7 +201,6 @@ class Service:
                 extra={"fields": {"error_type": error.error_type}},
             )
             return 400, error_body(error)
-        now = self.clock()
         try:
             verdict = self.detector.decide(
                 raw, transaction, message_id=None, default_time=now, decided_at=now

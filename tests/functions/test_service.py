@@ -295,3 +295,47 @@ def test_full_collections_freeze_what_survives_them() -> None:
     finally:
         gc.callbacks.remove(policy)
         gc.unfreeze()
+
+
+def test_a_transaction_dated_after_its_publish_time_is_dead_lettered(
+    service: Service, sink: MemoryVerdictSink
+) -> None:
+    """Beyond MAX_CLOCK_SKEW after the publish time: invalid_transaction naming timestamp."""
+    data = b'{"amount": 5, "customer_id": "c", "timestamp": "2027-11-29T12:00:00Z"}'
+    assert service.on_transaction(envelope(data)) is None
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert body == data
+    assert attributes["error_type"] == "invalid_transaction"
+    assert attributes["error"].startswith("timestamp: must be at most 5m after the publish time")
+    # Within the skew (the publish time is 11:59:59.5) it is decided as usual.
+    on_time = b'{"amount": 5, "customer_id": "c", "timestamp": "2026-11-29T12:04:59Z"}'
+    assert service.on_transaction(envelope(on_time)) is not None
+
+
+def test_http_rejects_a_transaction_dated_after_its_receive_time(service: Service) -> None:
+    """Over HTTP the reference is the receive time; the 400 names timestamp."""
+    status, body = service.on_request(
+        b'{"amount": 5, "customer_id": "c", "timestamp": "2026-11-29T12:05:01Z"}'
+    )
+    assert status == 400
+    assert body["error"]["type"] == "invalid_transaction"
+    [problem] = body["error"]["fields"]
+    assert problem["field"] == "timestamp"
+    assert problem["problem"].startswith("must be at most 5m after the receive time")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, 300.0), ("90s", 90.0), ("10m", 600.0), ("1h", 3600.0)]
+)
+def test_max_clock_skew_is_read_as_a_duration(value: str | None, seconds: float) -> None:
+    """MAX_CLOCK_SKEW takes the project's durations, 5 minutes by default."""
+    env = {"GOOGLE_CLOUD_PROJECT": "p", **({"MAX_CLOCK_SKEW": value} if value else {})}
+    assert Settings.from_env(env).max_clock_skew == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "-5m", "0"])
+def test_an_unusable_max_clock_skew_stops_start_up(value: str) -> None:
+    """A skew that is not a positive duration names the variable."""
+    with pytest.raises(ConfigError, match=r"^MAX_CLOCK_SKEW: "):
+        Settings.from_env({"GOOGLE_CLOUD_PROJECT": "p", "MAX_CLOCK_SKEW": value})
