@@ -26,6 +26,7 @@ from detector.errors import (
 )
 from detector.functions.settings import Settings
 from detector.functions.sinks import VerdictSink
+from detector.logs import redact
 from detector.transaction import check_clock_skew, decode, rfc3339
 
 __all__ = ["Message", "Service", "error_body", "label_model", "parse_envelope"]
@@ -261,7 +262,7 @@ class Service:
         attributes = dict(message.attributes)
         attributes.update(
             error_type=error.error_type,
-            error=_clip(str(error)),
+            error=_clip(redact(str(error), _ATTRIBUTE_LIMIT)),
             message_id=message.message_id or "",
         )
         self.sink.publish(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import uuid
 from datetime import UTC, datetime
 
@@ -339,3 +340,50 @@ def test_an_unusable_max_clock_skew_stops_start_up(value: str) -> None:
     """A skew that is not a positive duration names the variable."""
     with pytest.raises(ConfigError, match=r"^MAX_CLOCK_SKEW: "):
         Settings.from_env({"GOOGLE_CLOUD_PROJECT": "p", "MAX_CLOCK_SKEW": value})
+
+
+CARD = "4111 1111 1111 1111"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"amount": 5, "customer_id": "c", "card_id": CARD + "\x00"},
+        {"amount": 5, "customer_id": "c", "card_id": CARD + "x" * 100_000},
+        {"amount": 5, "customer_id": CARD.replace(" ", "-") * 20},
+    ],
+    ids=["control character", "100 KB", "long"],
+)
+def test_rejected_values_reach_logs_and_dead_letters_short_and_masked(
+    service: Service,
+    sink: MemoryVerdictSink,
+    caplog: pytest.LogCaptureFixture,
+    payload: dict[str, str],
+) -> None:
+    """A card number in a rejected field never appears in a log line, a dead letter's
+    attributes or an HTTP 400's log; a 100 KB field gives a short line."""
+    import io
+
+    from detector import logs
+
+    output = io.StringIO()
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(logs.JsonFormatter())
+    logging.getLogger().addHandler(handler)
+    caplog.set_level(logging.DEBUG)
+    try:
+        service.on_transaction(envelope(orjson.dumps(payload)))
+        status, body = service.on_request(orjson.dumps(payload))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert status == 400
+    [(_, _, attributes)] = sink.messages
+    digits = CARD.replace(" ", "")
+    lines = output.getvalue().splitlines()
+    assert len(lines) == 2  # the dead letter's WARNING, the HTTP rejection's INFO
+    for text in [*lines, *attributes.values()]:
+        assert digits not in text.replace(" ", "").replace("-", "")
+        assert len(text) < 2000
+    if "control" not in attributes["error"]:  # that problem does not repeat the value
+        assert "****" in attributes["error"]
+    assert len(orjson.dumps(body)) < 2000  # the caller's own value, but bounded
