@@ -40,7 +40,7 @@ def detect_fraud(cloud_event: CloudEvent) -> None:
     Invalid messages are dead-lettered and acked; a failed publish or state store raises,
     so Pub/Sub delivers the message again.
     """
-    service.on_transaction(cloud_event.data)
+    service.on_transaction(cloud_event.data, cloud_event.get("source"))
 
 
 @functions_framework.http
@@ -56,4 +56,4 @@ def score_transaction(request: flask.Request) -> flask.Response:
 @functions_framework.cloud_event
 def record_feedback(cloud_event: CloudEvent) -> None:
     """Record a fraud label from the feedback topic in the state store."""
-    service.on_label(cloud_event.data)
+    service.on_label(cloud_event.data, cloud_event.get("source"))

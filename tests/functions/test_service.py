@@ -7,6 +7,7 @@ import functools
 import logging
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import jsonschema
 import orjson
@@ -16,10 +17,16 @@ from hypothesis import strategies as st
 
 from detector import schemas
 from detector.config import DetectorConfig, build_detector
-from detector.errors import ConfigError, StateConfigError, StoreUnavailable, TransientError
+from detector.errors import (
+    ConfigError,
+    InvalidJSON,
+    StateConfigError,
+    StoreUnavailable,
+    TransientError,
+)
 from detector.functions import build_service
 from detector.functions.runtime import CollectorPolicy, bound_collector_pauses
-from detector.functions.service import Service
+from detector.functions.service import Message, Service, dead_letter_attributes
 from detector.functions.settings import Settings
 from detector.functions.sinks import MemoryVerdictSink
 from stack.services import free_port
@@ -32,7 +39,7 @@ DEAD = "projects/fraud-test/topics/transactions-dead-letter"
 
 def envelope(
     data: bytes, message_id: str = "m-1", attributes: dict[str, str] | None = None
-) -> dict[str, object]:
+) -> dict[str, Any]:
     return {
         "message": {
             "data": base64.b64encode(data).decode(),
@@ -387,3 +394,103 @@ def test_rejected_values_reach_logs_and_dead_letters_short_and_masked(
     if "control" not in attributes["error"]:  # that problem does not repeat the value
         assert "****" in attributes["error"]
     assert len(orjson.dumps(body)) < 2000  # the caller's own value, but bounded
+
+
+def test_dead_letter_attributes_stay_within_pub_sub_limits() -> None:
+    """At most 100 attributes and 1024 bytes a value; ours always present; the count dropped said."""
+    many = {f"k{i:03}": "v" * 2000 for i in range(150)}
+    message = Message(
+        data=b"{}", attributes=many, message_id="m-1", source_topic="projects/p/topics/transactions"
+    )
+    attributes = dead_letter_attributes(message, InvalidJSON("data: must be a JSON object"))
+    assert len(attributes) == 100
+    assert all(len(value.encode()) <= 1024 for value in attributes.values())
+    assert attributes["error_type"] == "invalid_json"
+    assert attributes["error"] == "data: must be a JSON object"
+    assert attributes["message_id"] == "m-1"
+    assert attributes["source_topic"] == "projects/p/topics/transactions"
+    assert attributes["attributes_dropped"] == "55"
+    assert attributes["k000"] == "v" * 1021 + "..."
+
+
+def test_dead_letter_attributes_replace_ours_from_an_earlier_dead_letter() -> None:
+    """A redriven message that fails again carries this failure, not the last one."""
+    message = Message(
+        data=b"{}",
+        attributes={"error_type": "old", "error": "old", "origin": "pos-7"},
+        message_id="m-2",
+    )
+    attributes = dead_letter_attributes(message, StoreUnavailable("redis: unreachable"))
+    assert attributes == {
+        "origin": "pos-7",
+        "error_type": "transient_exhausted",
+        "error": "redis: unreachable",
+        "message_id": "m-2",
+        "source_topic": "",
+    }
+
+
+def test_the_source_topic_comes_from_the_cloud_event(
+    service: Service, sink: MemoryVerdictSink
+) -> None:
+    """Where a dead letter came from, so redrive knows where to send it back."""
+    source = "//pubsub.googleapis.com/projects/fraud-test/topics/payments"
+    service.on_transaction(envelope(b"[]"), source=source)
+    service.on_transaction(envelope(b"[]"))  # a push without the topic in its path
+    assert [a["source_topic"] for _, _, a in sink.messages] == [
+        "projects/fraud-test/topics/payments",
+        "projects/fraud-test/topics/transactions",
+    ]
+
+
+class FailingDetector:
+    """A detector whose store is down: every decision raises StoreUnavailable."""
+
+    store = None
+
+    def decide(self, *args: object, **kwargs: object) -> None:
+        raise StoreUnavailable("REDIS_URL: redis://h:6379/0 unreachable")
+
+    def record_label(self, *args: object) -> None:
+        raise StoreUnavailable("REDIS_URL: redis://h:6379/0 unreachable")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "dead_lettered"), [(None, False), (1, False), (9, False), (10, True), (11, True)]
+)
+def test_the_last_delivery_attempt_dead_letters_a_transient_failure_with_its_reason(
+    sink: MemoryVerdictSink, attempt: int | None, dead_lettered: bool
+) -> None:
+    """Before the last attempt a transient failure raises (redelivery); on it, the function
+    dead-letters the message itself with error_type transient_exhausted, and acks."""
+    settings = Settings(project="fraud-test", max_delivery_attempts=10)
+    service = Service(settings, FailingDetector(), sink)  # type: ignore[arg-type]
+    event = envelope(b'{"amount": 5, "customer_id": "c"}', attributes={"origin": "pos-7"})
+    if attempt is not None:
+        event["deliveryAttempt"] = attempt
+    if not dead_lettered:
+        with pytest.raises(StoreUnavailable):
+            service.on_transaction(event)
+        assert sink.messages == []
+        return
+    assert service.on_transaction(event) is None
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert body == b'{"amount": 5, "customer_id": "c"}'
+    assert attributes["origin"] == "pos-7"
+    assert attributes["error_type"] == "transient_exhausted"
+    assert attributes["error"] == "REDIS_URL: redis://h:6379/0 unreachable"
+    label = envelope(b'{"transaction_id": "t", "is_fraud": true}')
+    label["deliveryAttempt"] = attempt
+    assert service.on_label(label) is None
+    assert sink.messages[-1][0] == "projects/fraud-test/topics/fraud-feedback-dead-letter"
+    assert sink.messages[-1][2]["error_type"] == "transient_exhausted"
+
+
+@pytest.mark.parametrize("value", ["4", "101", "ten"])
+def test_an_unusable_max_delivery_attempts_stops_start_up(value: str) -> None:
+    """MAX_DELIVERY_ATTEMPTS takes Pub/Sub's bounds of a dead-letter policy, 5 to 100."""
+    with pytest.raises(
+        ConfigError, match=r"^MAX_DELIVERY_ATTEMPTS: must be a whole number from 5 to 100"
+    ):
+        Settings.from_env({"GOOGLE_CLOUD_PROJECT": "p", "MAX_DELIVERY_ATTEMPTS": value})
