@@ -45,11 +45,14 @@ def detect_fraud(cloud_event: CloudEvent) -> None:
 
 @functions_framework.http
 def score_transaction(request: flask.Request) -> flask.Response:
-    """Decide on a transaction posted as JSON and return the verdict (400 if invalid)."""
+    """Decide on a transaction posted as JSON and return the verdict (400 if invalid).
+
+    An `Idempotency-Key` header makes retries of a body without `transaction_id` count once.
+    """
     if request.method != "POST":
         error = {"error": {"type": "method_not_allowed", "message": "use POST"}}
         return flask.Response(orjson.dumps(error), 405, mimetype="application/json")
-    status, body = service.on_request(request.get_data())
+    status, body = service.on_request(request.get_data(), request.headers.get("Idempotency-Key"))
     return flask.Response(orjson.dumps(body), status, mimetype="application/json")
 
 

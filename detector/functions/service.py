@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import binascii
 import functools
+import hashlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +37,7 @@ __all__ = [
     "Service",
     "dead_letter_attributes",
     "error_body",
+    "idempotent_transaction_id",
     "label_model",
     "parse_envelope",
     "topic_of_source",
@@ -48,6 +51,8 @@ _KEY_LIMIT = 256
 _ATTRIBUTES_MAX = 100
 #: The attributes a dead letter gets from us; `redrive` removes them before republishing.
 DEAD_LETTER_KEYS = ("error_type", "error", "message_id", "source_topic", "attributes_dropped")
+#: An HTTP caller's Idempotency-Key: what payment APIs accept (UUIDs, order ids with / or :).
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:/-]{1,255}")
 #: The CloudEvent source of a Pub/Sub message (Eventarc): //pubsub.googleapis.com/<topic>.
 _PUBSUB_SOURCE = "//pubsub.googleapis.com/"
 
@@ -184,6 +189,29 @@ def _clip(text: str) -> str:
     return encoded[: _ATTRIBUTE_LIMIT - 3].decode(errors="ignore") + "..."
 
 
+def idempotent_transaction_id(key: str) -> str:
+    """The transaction_id of an HTTP transaction sent with `Idempotency-Key: key`.
+
+    A digest, so the id is short and free of the key's characters, and the same key always
+    gives the same id: retries count once in state and get the same verdict.
+
+    Raises:
+        InvalidTransaction: naming the header, when the key is not 1 to 255 characters of
+            letters, digits and ``. _ : / -``.
+    """
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        shown = repr(key) if len(key) <= 60 else f"{key[:60]!r}...({len(key)} characters)"
+        raise InvalidTransaction(
+            [
+                (
+                    "Idempotency-Key",
+                    f"must be 1 to 255 characters of letters, digits and . _ : / -, got {shown}",
+                )
+            ]
+        )
+    return "idem-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def error_body(error: MessageError) -> dict[str, Any]:
     """The JSON an HTTP caller gets for a message that can never succeed."""
     body: dict[str, Any] = {"type": error.error_type, "message": str(error)}
@@ -278,11 +306,23 @@ class Service:
             raise error
         self.dead_letter(message, error, topic)
 
-    def on_request(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """Decide on a transaction posted over HTTP; returns (status, JSON body)."""
+    def on_request(
+        self, body: bytes, idempotency_key: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Decide on a transaction posted over HTTP; returns (status, JSON body).
+
+        Args:
+            idempotency_key: the request's Idempotency-Key header. A body without
+                `transaction_id` gets `idempotent_transaction_id(key)` as its id, so a retry
+                counts once and gets the same verdict; a body with one keeps its own.
+        """
         now = self.clock()
         try:
             raw, transaction = decode(body)
+            if idempotency_key is not None:
+                derived = idempotent_transaction_id(idempotency_key)
+                if transaction.transaction_id is None:
+                    transaction = transaction._replace(transaction_id=derived)
             check_clock_skew(
                 transaction, now, self.settings.max_clock_skew, reference_name="receive time"
             )
