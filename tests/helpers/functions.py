@@ -32,14 +32,17 @@ def app(target: str, signature: str, env: dict[str, str]) -> Iterator[tuple[Any,
     the Service behind it with a memory sink in place of Pub/Sub.
 
     The module is loaded as functions-framework loads it (settings from `env`); the root
-    logger's handlers are restored afterwards.
+    logger's handlers and the collector's callbacks it installs are restored afterwards.
     """
+    import gc
+
     import functions_framework
 
     from detector.functions import MemoryVerdictSink
 
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
+    callbacks = gc.callbacks[:]
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
@@ -52,6 +55,8 @@ def app(target: str, signature: str, env: dict[str, str]) -> Iterator[tuple[Any,
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+        gc.callbacks[:] = callbacks
+        gc.unfreeze()
         for key, value in previous.items():
             if value is None:
                 os.environ.pop(key, None)
