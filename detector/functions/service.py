@@ -9,6 +9,7 @@ from __future__ import annotations
 import binascii
 import functools
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -138,6 +139,9 @@ def parse_envelope(envelope: Any, source_topic: str | None = None) -> Message:
     except (binascii.Error, TypeError, ValueError):
         raise InvalidMessage("message.data: not valid base64") from None
     attributes = message.get("attributes") or {}
+    if not isinstance(attributes, Mapping):
+        kind = type(attributes).__name__
+        raise InvalidMessage(f"message.attributes: must be an object of strings, got {kind}")
     message_id = message.get("messageId") or message.get("message_id")
     published = message.get("publishTime") or message.get("publish_time")
     publish_time = None
@@ -176,6 +180,14 @@ def label_model() -> Any:
         is_fraud: bool = Field(strict=True)
 
     return Label
+
+
+def _as_json(envelope: Any) -> bytes:
+    """An envelope that holds no message, as JSON to keep in its dead letter."""
+    try:
+        return orjson.dumps(envelope, default=str)
+    except TypeError:  # integers beyond 64 bits, which Python's json (Flask's) reads
+        return json.dumps(envelope, default=str).encode()
 
 
 def _now() -> datetime:
@@ -256,7 +268,7 @@ class Service:
             raw, transaction = decode(message.data, avro_json=avro_json)
             check_clock_skew(transaction, message.publish_time or now, self.settings.max_clock_skew)
         except InvalidMessage as error:
-            fallback = Message(data=orjson.dumps(envelope, default=str), source_topic=topic)
+            fallback = Message(data=_as_json(envelope), source_topic=topic)
             self.dead_letter(fallback, error)
             return None
         except MessageError as error:
@@ -354,7 +366,7 @@ class Service:
             message = parse_envelope(envelope, topic)
         except InvalidMessage as error:
             self.dead_letter(
-                Message(data=orjson.dumps(envelope, default=str), source_topic=topic),
+                Message(data=_as_json(envelope), source_topic=topic),
                 error,
                 self.settings.feedback_dead_letter_topic,
             )
