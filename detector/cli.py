@@ -4,6 +4,7 @@
     rules     check a rules file against the variables the detector provides
     replay    backtest: run the detector over a file of transactions (detector/offline/)
     train     train the risk model from a file of transactions (detector/offline/)
+    redrive   republish dead letters to the topic they came from (detector/redrive.py)
 
 User mistakes end as one line `error: ...` and exit status 2, never a traceback.
 """
@@ -19,6 +20,7 @@ from detector import schemas
 from detector.config import DetectorConfig, load_risk_model, load_rules, state_config
 from detector.errors import DetectorError
 from detector.offline.commands import add_replay, add_train
+from detector.redrive import add_redrive
 
 __all__ = ["main"]
 
@@ -64,6 +66,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
     _add_rules,
     add_replay,
     add_train,
+    add_redrive,
 ]
 
 

@@ -147,7 +147,10 @@ class TransientError(DetectorError, RuntimeError):
 
     Attributes:
         resource: what failed (a topic path, a redacted store URL).
+        error_type: the dead letter's ``error_type`` when it fails the last delivery attempt.
     """
+
+    error_type = "transient_exhausted"
 
     def __init__(self, message: str, *, resource: str = "") -> None:
         super().__init__(message)

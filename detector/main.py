@@ -40,20 +40,23 @@ def detect_fraud(cloud_event: CloudEvent) -> None:
     Invalid messages are dead-lettered and acked; a failed publish or state store raises,
     so Pub/Sub delivers the message again.
     """
-    service.on_transaction(cloud_event.data)
+    service.on_transaction(cloud_event.data, cloud_event.get("source"))
 
 
 @functions_framework.http
 def score_transaction(request: flask.Request) -> flask.Response:
-    """Decide on a transaction posted as JSON and return the verdict (400 if invalid)."""
+    """Decide on a transaction posted as JSON and return the verdict (400 if invalid).
+
+    An `Idempotency-Key` header makes retries of a body without `transaction_id` count once.
+    """
     if request.method != "POST":
         error = {"error": {"type": "method_not_allowed", "message": "use POST"}}
         return flask.Response(orjson.dumps(error), 405, mimetype="application/json")
-    status, body = service.on_request(request.get_data())
+    status, body = service.on_request(request.get_data(), request.headers.get("Idempotency-Key"))
     return flask.Response(orjson.dumps(body), status, mimetype="application/json")
 
 
 @functions_framework.cloud_event
 def record_feedback(cloud_event: CloudEvent) -> None:
     """Record a fraud label from the feedback topic in the state store."""
-    service.on_label(cloud_event.data)
+    service.on_label(cloud_event.data, cloud_event.get("source"))

@@ -9,14 +9,14 @@ from __future__ import annotations
 import functools
 import math
 import re
-import sys
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, NamedTuple
 
 import orjson
 
-from detector.errors import InvalidJSON, InvalidTransaction
+from detector.errors import ConfigError, InvalidJSON, InvalidTransaction
+from detector.vocabulary import format_duration
 
 #: Fields a verdict adds; a transaction may not carry them itself.
 VERDICT_FIELDS = frozenset(
@@ -27,27 +27,64 @@ _DECIMAL = re.compile(r"\s*[0-9]+(\.[0-9]+)?\s*")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 #: Limit of every text field (`customer_id`, `merchant`...), in characters.
 TEXT_MAX = 256
+#: Largest amount accepted, in the currency's major unit: far above any real payment, and
+#: small enough that sums over a month of an entity's transactions stay exact to the cent.
+AMOUNT_MAX = 1e12
+_AMOUNT_MAX_TEXT = "1e12"  # as people write it; f"{1e12:g}" gives 1e+12
+#: C0 controls, DEL and C1 controls: never part of an id or a name, and a NUL or a newline
+#: in one can break every store or log format that joins fields.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: The same set as a JSON Schema pattern (whole string free of them).
+_NO_CONTROL_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+
+
+#: Characters of a rejected value an error repeats: enough to recognise it, and a 100 KB field
+#: gives a short error (in the HTTP 400 body, the dead letter and the logs).
+SHOWN_MAX = 100
+
+
+def _shown(value: Any) -> str:
+    """repr(value), cut to SHOWN_MAX characters with its full length said."""
+    text = repr(value)
+    if len(text) <= SHOWN_MAX:
+        return text
+    return f"{text[:SHOWN_MAX]}...({len(text)} characters)"
 
 
 def _amount(value: Any) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"must be a number or a decimal string, got {value!r}")
+        raise ValueError(f"must be a number or a decimal string, got {_shown(value)}")
     if isinstance(value, int | float):
         number = float(value)
     elif isinstance(value, str):
         if not _DECIMAL.fullmatch(value):
-            raise ValueError(f"must be a number or a decimal string, got {value!r}")
+            raise ValueError(f"must be a number or a decimal string, got {_shown(value)}")
         try:
             number = float(Decimal(value))
         except InvalidOperation as error:  # pragma: no cover - the pattern rules this out
-            raise ValueError(f"must be a decimal string, got {value!r}") from error
+            raise ValueError(f"must be a decimal string, got {_shown(value)}") from error
     else:
         raise ValueError(f"must be a number or a decimal string, got {type(value).__name__}")
     if not math.isfinite(number):
-        raise ValueError(f"must be finite, got {value!r}")
+        raise ValueError(f"must be finite, got {_shown(value)}")
     if number < 0:
-        raise ValueError(f"must be >= 0, got {value!r}")
+        raise ValueError(f"must be >= 0, got {_shown(value)}")
+    if number > AMOUNT_MAX:
+        raise ValueError(f"must be <= {_AMOUNT_MAX_TEXT}, got {_shown(value)}")
     return number
+
+
+def _no_control(value: str) -> str:
+    """A text field's value if it holds no control character (C0, DEL, C1)."""
+    if value.isprintable():  # the usual case, in C; printable text holds no control character
+        return value
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise ValueError(
+            f"must not contain control characters, got U+{ord(found.group()):04X}"
+            f" at position {found.start() + 1}"
+        )
+    return value
 
 
 def _timestamp(value: Any) -> datetime:
@@ -56,9 +93,9 @@ def _timestamp(value: Any) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise ValueError(f"must be an RFC 3339 date-time, got {value!r}") from None
+        raise ValueError(f"must be an RFC 3339 date-time, got {_shown(value)}") from None
     if parsed.tzinfo is None:
-        raise ValueError(f"must include a UTC offset (RFC 3339), got {value!r}")
+        raise ValueError(f"must include a UTC offset (RFC 3339), got {_shown(value)}")
     return parsed
 
 
@@ -110,8 +147,6 @@ class Transaction(_Fields):
 #: The optional text fields after `timestamp`, in declaration order.
 _TEXT_FIELDS = Transaction._fields[5:]
 _new = tuple.__new__
-#: The largest finite float: `0 <= x <= _FLOAT_MAX` is false for NaN and infinities.
-_FLOAT_MAX = sys.float_info.max
 
 
 @functools.cache
@@ -122,7 +157,14 @@ def schema_model() -> Any:
     """
     from typing import Annotated
 
-    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+    from pydantic import (
+        AfterValidator,
+        BaseModel,
+        BeforeValidator,
+        ConfigDict,
+        Field,
+        WithJsonSchema,
+    )
 
     amount_type = Annotated[
         float,
@@ -130,11 +172,11 @@ def schema_model() -> Any:
         WithJsonSchema(
             {
                 "anyOf": [
-                    {"type": "number", "minimum": 0},
+                    {"type": "number", "minimum": 0, "maximum": AMOUNT_MAX},
                     {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"},
                 ],
                 "description": "Amount in the currency's major unit: a JSON number or a "
-                "decimal string.",
+                f"decimal string, at most {_AMOUNT_MAX_TEXT}.",
             }
         ),
     ]
@@ -143,7 +185,16 @@ def schema_model() -> Any:
         BeforeValidator(_timestamp),
         WithJsonSchema({"type": "string", "format": "date-time", "description": "RFC 3339."}),
     ]
-    text = Annotated[str, Field(min_length=1, max_length=TEXT_MAX, strict=True)]
+    text = Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=TEXT_MAX,
+            strict=True,
+            json_schema_extra={"pattern": _NO_CONTROL_PATTERN},
+        ),
+        AfterValidator(_no_control),
+    ]
     currency_type = Annotated[str, Field(pattern=r"^[A-Z]{3}$", strict=True)]
 
     class Transaction(BaseModel):
@@ -200,19 +251,26 @@ def validate(raw: dict[str, Any]) -> Transaction:
     # doubt falls through to the complete check, which also writes the problems.
     texts_ok = True
     for value in texts:
-        if value is not None and (type(value) is not str or not 0 < len(value) <= TEXT_MAX):
+        if value is not None and (
+            type(value) is not str or not 0 < len(value) <= TEXT_MAX or not value.isprintable()
+        ):
             texts_ok = False
             break
     amount_type = type(amount)
     if (
         texts_ok
         and (amount_type is float or amount_type is int)
-        and 0 <= amount <= _FLOAT_MAX
+        and 0 <= amount <= AMOUNT_MAX
         and type(customer_id) is str
         and 0 < len(customer_id) <= TEXT_MAX
+        and customer_id.isprintable()
         and (
             transaction_id is None
-            or (type(transaction_id) is str and 0 < len(transaction_id) <= TEXT_MAX)
+            or (
+                type(transaction_id) is str
+                and 0 < len(transaction_id) <= TEXT_MAX
+                and transaction_id.isprintable()
+            )
         )
         and (currency == "USD" or (type(currency) is str and _CURRENCY.fullmatch(currency)))
         and VERDICT_FIELDS.isdisjoint(raw)
@@ -250,7 +308,7 @@ def _problem(field: str, error: Any) -> str:
     if template is None:
         return str(error["msg"])
     text = template.format(**error.get("ctx", {}))
-    return text if kind == "missing" else f"{text}, got {error['input']!r}"
+    return text if kind == "missing" else f"{text}, got {_shown(error['input'])}"
 
 
 def _check(raw: dict[str, Any]) -> Transaction:
@@ -309,6 +367,49 @@ def decode(data: bytes, *, avro_json: bool = False) -> tuple[dict[str, Any], Tra
     if avro_json:
         raw = unwrap_avro_json(raw)
     return raw, validate(raw)
+
+
+#: Default of MAX_CLOCK_SKEW, in seconds.
+DEFAULT_MAX_CLOCK_SKEW = 300.0
+
+
+def check_clock_skew(
+    transaction: Transaction,
+    reference: datetime,
+    max_skew: float,
+    *,
+    reference_name: str = "publish time",
+) -> None:
+    """Refuse a transaction dated more than `max_skew` seconds after `reference`.
+
+    Event time comes from the sender; one transaction dated next year would otherwise move the
+    state's notion of "now" and make every later transaction look late. The reference is a time
+    the sender does not choose: the message's publish time, or the receive time over HTTP.
+    A transaction without `timestamp` takes the reference as its time and always passes.
+
+    Args:
+        max_skew: seconds a sender's clock may run ahead (MAX_CLOCK_SKEW).
+        reference_name: how the error names `reference` ("publish time", "receive time").
+
+    Raises:
+        InvalidTransaction: naming `timestamp`, the limit and the value.
+    """
+    moment = transaction.timestamp
+    if moment is None or (moment - reference).total_seconds() <= max_skew:
+        return
+    try:
+        limit = format_duration(max_skew)
+    except ConfigError:  # not whole seconds
+        limit = f"{max_skew:g}s"
+    raise InvalidTransaction(
+        [
+            (
+                "timestamp",
+                f"must be at most {limit} after the {reference_name} {rfc3339(reference)},"
+                f" got {moment.isoformat().replace('+00:00', 'Z')!r}",
+            )
+        ]
+    )
 
 
 def rfc3339(moment: datetime) -> str:

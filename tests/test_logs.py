@@ -62,3 +62,62 @@ def test_exceptions_stay_inside_one_entry(stream: io.StringIO) -> None:
     entry = orjson.loads(line)
     assert entry["severity"] == "ERROR"
     assert "ValueError: boom" in entry["message"]
+
+
+CARD = "4111 1111 1111 1111"
+CARD_FORMS = [CARD, "4111111111111111", "4111-1111-1111-1111", "5500 0000 0000 0004"]
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR])
+@pytest.mark.parametrize("card", CARD_FORMS)
+def test_card_numbers_are_masked_at_every_level(stream: io.StringIO, level: int, card: str) -> None:
+    """In the message, its arguments and the extra fields, a card number keeps its last 4."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    log = logging.getLogger("detector.test")
+    log.log(level, "card %s in " + card, card, extra={"fields": {"card_id": card, "n": [card]}})
+    [line] = stream.getvalue().splitlines()
+    digits = card.replace(" ", "").replace("-", "")
+    assert digits not in line.replace(" ", "").replace("-", "")
+    assert digits[:6] not in line
+    entry = orjson.loads(line)
+    assert entry["message"] == f"card ****{digits[-4:]} in ****{digits[-4:]}"
+    assert entry["card_id"] == f"****{digits[-4:]}"
+
+
+def test_numbers_that_are_not_card_numbers_stay(stream: io.StringIO) -> None:
+    """Numbers under 13 digits, amounts, dates, and the message_id field are not masked."""
+    log = logging.getLogger("detector.test")
+    text = "amount 1200.50 at 2026-11-29T12:00:00Z, 1234 5678, 123456789012"
+    log.warning(text, extra={"fields": {"message_id": "4111111111111111"}})
+    entry = orjson.loads(stream.getvalue())
+    assert entry["message"] == text
+    assert entry["message_id"] == "4111111111111111"
+
+
+def test_long_values_are_truncated(stream: io.StringIO) -> None:
+    """A 100 KB value gives a short line that says how long the value was."""
+    huge = "x" * 100_000
+    logging.getLogger("detector.test").warning(
+        "rejected: %s", f"customer_id: got {huge!r}", extra={"fields": {"value": huge}}
+    )
+    [line] = stream.getvalue().splitlines()
+    assert len(line) < 1000
+    entry = orjson.loads(line)
+    assert entry["message"].startswith("rejected: customer_id: got 'xxx")
+    assert "(100019 characters)" in entry["message"]
+    assert "(100000 characters)" in entry["value"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("card 4111 1111 1111 1111 declined", "card ****1111 declined"),
+        ("4111-1111-1111-1111", "****1111"),
+        ("id 12345678901234567890123", "id ****0123"),  # a card could hide in a longer run
+        ("x" * 300, "x" * 200 + "...(300 characters)"),
+    ],
+)
+def test_redact(text: str, expected: str) -> None:
+    """The one function every log value and dead-letter reason goes through."""
+    assert logs.redact(text) == expected

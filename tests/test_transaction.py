@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -10,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from detector.errors import InvalidJSON, InvalidTransaction
-from detector.transaction import VERDICT_FIELDS, decode, unwrap_avro_json
+from detector.transaction import (
+    AMOUNT_MAX,
+    VERDICT_FIELDS,
+    check_clock_skew,
+    decode,
+    unwrap_avro_json,
+)
 
 BLOG = {"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}
 
@@ -77,6 +84,30 @@ def test_amount_accepts_numbers_and_decimal_strings(amount: object, expected: fl
             "timestamp: must be an RFC 3339 string, got int",
         ),
         ({"amount": 1, "customer_id": "c", "merchant": 7}, "merchant: must be a string, got 7"),
+        (
+            {"amount": 1e303, "customer_id": "c"},
+            "amount: must be <= 1e12, got 1e+303",
+        ),
+        (
+            {"amount": "10000000000000.5", "customer_id": "c"},
+            "amount: must be <= 1e12, got '10000000000000.5'",
+        ),
+        (
+            {"amount": 1, "customer_id": "c", "transaction_id": "t\x00x"},
+            "transaction_id: must not contain control characters, got U+0000 at position 2",
+        ),
+        (
+            {"amount": 1, "customer_id": "c\x7f"},
+            "customer_id: must not contain control characters, got U+007F at position 2",
+        ),
+        (
+            {"amount": 1, "customer_id": "c", "merchant": "a\x85b"},
+            "merchant: must not contain control characters, got U+0085 at position 2",
+        ),
+        (
+            {"amount": 1, "customer_id": "c", "card_id": "k" * 257},
+            "card_id: must be at most 256 characters, got '" + "k" * 99 + "...(259 characters)",
+        ),
         (
             {"amount": 1, "customer_id": "c", "is_fraud": False},
             "is_fraud: is a verdict field and cannot be set by a transaction",
@@ -149,16 +180,16 @@ def test_avro_json_unions_are_unwrapped() -> None:
 
 @given(
     st.floats(allow_nan=True, allow_infinity=True)
-    | st.integers(min_value=-(10**12), max_value=10**12)
+    | st.integers(min_value=-(10**13), max_value=10**13)
 )
-def test_amount_is_accepted_exactly_when_finite_and_not_negative(amount: float) -> None:
-    """Any number is accepted if and only if it is finite and >= 0."""
+def test_amount_is_accepted_exactly_when_finite_and_in_range(amount: float) -> None:
+    """Any number is accepted if and only if it is finite, >= 0 and <= AMOUNT_MAX."""
     data = (
         orjson.dumps({"amount": amount, "customer_id": "c"})
         if math.isfinite(amount)
         else (b'{"amount": ' + str(amount).encode() + b', "customer_id": "c"}')
     )
-    valid = math.isfinite(amount) and amount >= 0
+    valid = math.isfinite(amount) and 0 <= amount <= AMOUNT_MAX
     try:
         _, transaction = decode(data)
     except (InvalidTransaction, InvalidJSON):
@@ -166,3 +197,62 @@ def test_amount_is_accepted_exactly_when_finite_and_not_negative(amount: float) 
     else:
         assert valid
         assert transaction.amount == float(amount)
+
+
+@pytest.mark.parametrize("name", ["customer_id", "transaction_id", "merchant", "channel"])
+@pytest.mark.parametrize("control", ["\x00", "\x1f", "\x7f", "\x9f", "\n"])
+def test_text_fields_reject_control_characters(name: str, control: str) -> None:
+    """C0, DEL and C1 characters in an id or text field are invalid, naming the field."""
+    payload = {"amount": 1, "customer_id": "c", name: f"ab{control}"}
+    with pytest.raises(InvalidTransaction) as caught:
+        decode(orjson.dumps(payload))
+    assert caught.value.problems == [
+        (name, f"must not contain control characters, got U+{ord(control):04X} at position 3")
+    ]
+
+
+def test_other_unicode_text_is_accepted() -> None:
+    """Letters, spaces and symbols beyond ASCII are not control characters."""
+    _, transaction = decode(orjson.dumps({"amount": 1, "customer_id": "Zoë\u00a0Ωmega 東京"}))
+    assert transaction.customer_id == "Zoë\u00a0Ωmega 東京"
+
+
+PUBLISHED_AT = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "valid"),
+    [
+        ("2026-11-29T12:05:00Z", True),  # exactly the allowed skew
+        ("2026-11-29T12:05:00.001Z", False),
+        ("2027-11-29T12:00:00Z", False),
+        ("2026-11-29T14:04:00+02:00", True),  # offsets compare as instants
+        ("2018-01-01T00:00:00Z", True),  # the past is lateness, judged by the store
+    ],
+)
+def test_a_transaction_dated_too_far_after_its_publish_time_is_invalid(
+    timestamp: str, valid: bool
+) -> None:
+    """More than max_skew after the reference time names `timestamp`, the limit and the value."""
+    _, transaction = decode(orjson.dumps({"amount": 1, "customer_id": "c", "timestamp": timestamp}))
+    if valid:
+        check_clock_skew(transaction, PUBLISHED_AT, 300.0)
+        return
+    with pytest.raises(InvalidTransaction) as caught:
+        check_clock_skew(transaction, PUBLISHED_AT, 300.0)
+    assert caught.value.error_type == "invalid_transaction"
+    sent = datetime.fromisoformat(timestamp).isoformat().replace("+00:00", "Z")
+    assert str(caught.value) == (
+        f"timestamp: must be at most 5m after the publish time 2026-11-29T12:00:00Z, got {sent!r}"
+    )
+
+
+def test_clock_skew_names_the_receive_time_and_ignores_undated_transactions() -> None:
+    """The HTTP path's reference is named as such; a transaction without timestamp passes."""
+    _, undated = decode(b'{"amount": 1, "customer_id": "c"}')
+    check_clock_skew(undated, PUBLISHED_AT, 0.0)
+    _, dated = decode(b'{"amount": 1, "customer_id": "c", "timestamp": "2026-11-29T12:01:31Z"}')
+    with pytest.raises(
+        InvalidTransaction, match=r"^timestamp: must be at most 90s after the receive time "
+    ):
+        check_clock_skew(dated, PUBLISHED_AT, 90.0, reference_name="receive time")

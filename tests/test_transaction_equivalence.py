@@ -16,7 +16,20 @@ from detector.transaction import TEXT_MAX, Transaction, schema_model, validate
 MODEL = schema_model()
 TEXTS = st.one_of(
     st.text(max_size=4),
-    st.sampled_from(["", " ", "x" * TEXT_MAX, "x" * (TEXT_MAX + 1), "USD", "usd", "USD\n"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "x" * TEXT_MAX,
+            "x" * (TEXT_MAX + 1),
+            "USD",
+            "usd",
+            "USD\n",
+            "a\x00",
+            "\x9f",
+            "\u00a0",
+        ]
+    ),
 )
 VALUES = st.one_of(
     st.none(),
@@ -46,7 +59,8 @@ GOOD = {
 #: Values at the edges of what is valid.
 EDGE_VALUES = [
     "", "x" * TEXT_MAX, "x" * (TEXT_MAX + 1), float("inf"), float("-inf"), float("nan"),
-    -0.0, -1, 0, 1.7976931348623157e308, True, False, None, "USD\n", "usd", "EURO", 7,
+    -0.0, -1, 0, 1.7976931348623157e308, 1e12, 1e12 + 1, "1000000000000.01", 1e303, True,
+    False, None, "USD\n", "usd", "EURO", 7, "a\x00b", "\x7f", "a\x85", "x" * (TEXT_MAX - 1) + "\x01",
 ]  # fmt: skip
 EDGES = st.sampled_from(EDGE_VALUES)
 #: A transaction with every field set and valid.

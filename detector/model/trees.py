@@ -43,7 +43,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import orjson
 
@@ -68,6 +68,11 @@ class Factor(NamedTuple):
     feature: str
     value: float
     contribution: float
+
+
+#: Deepest tree compiled to nested `if`s: Python's tokenizer allows 100 indentation levels,
+#: and the walk's body starts one level in.
+NESTING_MAX: Final = 90
 
 
 def default_model_path() -> Path:
@@ -128,8 +133,14 @@ class TreeModel:
         metadata: Mapping[str, Any] | None = None,
         *,
         native: bool = True,
+        nesting_max: int = NESTING_MAX,
     ) -> None:
-        """See the class; `native=False` walks in Python even where the C extension is built."""
+        """See the class; `native=False` walks in Python even where the C extension is built.
+
+        `nesting_max`: the deepest tree the Python walk compiles to nested code; a model with
+        a deeper tree is walked by a loop instead (same additions in the same order, so the
+        same bits, a few times slower).
+        """
         self.version = version
         self.features = tuple(features)
         self.variables = frozenset(self.features)
@@ -142,7 +153,11 @@ class TreeModel:
         forest = _forest(self.trees, self._credits, len(self.features)) if native else None
         #: Whether the walk runs in the C extension (else in generated Python).
         self.native = forest is not None
-        self._walk = self._compile(forest)
+        deepest = max((_depth(tree) for tree in self.trees), default=0)
+        if forest is None and deepest > nesting_max:
+            self._walk = self._loop_walk()
+        else:
+            self._walk = self._compile(forest)
 
     def raw_score(self, activation: Mapping[str, Any]) -> float:
         """The ensemble's raw score (log-odds)."""
@@ -214,6 +229,41 @@ class TreeModel:
         exec(compile(self.source, f"<model {self.version}>", "exec"), namespace)
         return namespace["walk"]
 
+    def _loop_walk(self) -> Any:
+        """walk(activation) as `_compile` generates it, by a loop over the node arrays.
+
+        For models with a tree deeper than Python's parser can nest (about 100 levels): each
+        leaf adds the same credits in the same order as the generated code, so the sums,
+        and hence the scores and factors, are the same bits.
+        """
+        features, missing, count, top = (
+            self.features,
+            float(self.missing),
+            len(self.features),
+            self._top,
+        )
+        trees = [
+            (tree.feature, tree.threshold, tree.left, tree.right, credits)
+            for tree, credits in zip(self.trees, self._credits, strict=True)
+        ]
+        self.source = f"# walked by a loop: a tree is deeper than {NESTING_MAX} levels\n"
+
+        def walk(
+            activation: Mapping[str, Any],
+        ) -> tuple[tuple[float, ...], tuple[float, ...], list[int]]:
+            values = vector(activation, features, missing)
+            credit = [0.0] * count
+            for feature, threshold, left, right, leaves in trees:
+                node = 0
+                while (split := feature[node]) >= 0:
+                    node = left[node] if values[split] <= threshold[node] else right[node]
+                for index, amount in leaves[node]:
+                    credit[index] += amount
+            sums = tuple(credit)
+            return tuple(values), sums, top(sums)
+
+        return walk
+
     def _emit(
         self,
         tree: Tree,
@@ -254,6 +304,19 @@ class TreeModel:
                 "training": self.metadata,
             }
         )
+
+
+def _depth(tree: Tree) -> int:
+    """Splits on the longest path from the root to a leaf (a lone leaf: 0)."""
+    deepest = 0
+    stack = [(0, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if tree.feature[node] < 0:
+            deepest = max(deepest, depth)
+        else:
+            stack += [(tree.left[node], depth + 1), (tree.right[node], depth + 1)]
+    return deepest
 
 
 def _leaf_credits(tree: Tree) -> dict[int, list[tuple[int, float]]]:

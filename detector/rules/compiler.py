@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import re2
+
 from detector.rules.language import (
+    INT_MAGNITUDE_MAX,
     Binary,
     Call,
     Cond,
@@ -20,10 +23,10 @@ from detector.rules.language import (
     ListNode,
     Lit,
     Node,
-    Parser,
     Select,
     SyntaxProblem,
     Unary,
+    parse,
 )
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "MissingValueError",
     "Schema",
     "compile_node",
+    "compile_pattern",
     "compile_template",
     "format_value",
     "sequence",
@@ -206,6 +210,8 @@ def compile_node(node: Node, ctx: Context) -> Compiled:
         if isinstance(value, bool):
             return Compiled(repr(value), "bool", frozenset())
         if isinstance(value, int | float):
+            if value == INT_MAGNITUDE_MAX:  # only its negation is a 64-bit integer
+                raise SyntaxProblem(f"integer literal {value} is out of range (64-bit integers)")
             return Compiled(repr(value), "number", frozenset())
         return Compiled(repr(value), "string", frozenset())
     if isinstance(node, Ident | Select):
@@ -331,6 +337,27 @@ def _compile_binary(node: Binary, ctx: Context) -> Compiled:
     return Compiled(f"({left.code} {op} {right.code})", "number", _both(left, right))
 
 
+def compile_pattern(pattern: str) -> Any:
+    """A `matches()` pattern compiled by RE2, as CEL specifies: time linear in the input.
+
+    Python's `re` backtracks: `^(a|aa)+$` on 40 characters of a transaction field would hold
+    the interpreter for minutes. RE2 has no backreferences or lookaround; a pattern using them
+    is refused here, at load.
+
+    Raises:
+        SyntaxProblem: the pattern is not valid RE2 syntax (or too large for RE2's memory).
+    """
+    options = re2.Options()
+    options.log_errors = False  # the problem goes into our error, not to stderr
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as error:
+        detail = error.args[0] if error.args else error
+        if isinstance(detail, bytes):
+            detail = detail.decode(errors="replace")
+        raise SyntaxProblem(f"bad regular expression {pattern!r}: {detail}") from None
+
+
 def _compile_call(node: Call, ctx: Context) -> Compiled:
     name = node.function
     if name == "has" and node.target is None:
@@ -361,11 +388,7 @@ def _compile_call(node: Call, ctx: Context) -> Compiled:
             pattern = node.args[0]
             if not isinstance(pattern, Lit):
                 raise SyntaxProblem("matches() needs a literal pattern")
-            try:
-                regex = re.compile(str(pattern.value))
-            except re.error as error:
-                raise SyntaxProblem(f"bad regular expression {pattern.value!r}: {error}") from None
-            search = ctx.constant(regex.search)
+            search = ctx.constant(compile_pattern(str(pattern.value)).search)
             return Compiled(f"({search}({target.code}) is not None)", "bool", target.must)
         method = _STRING_METHODS[name]
         return Compiled(f"{target.code}.{method}({arg.code})", "bool", must)
@@ -405,9 +428,13 @@ def compile_template(description: str, schema: Schema) -> tuple[tuple[str | None
             parts.append((None, text + token[0]))
             continue
         name = match.group(1).strip()
-        node = Parser(name).parse() if name else None
+        try:
+            node = parse(name) if name else None
+        except SyntaxProblem:  # nested too deeply included: only a name is accepted anyway
+            node = None
         if not isinstance(node, Ident | Select):
-            raise SyntaxProblem(f"description: placeholder {token} is not a variable name")
+            shown = token if len(token) <= 60 else f"{token[:57]}..."
+            raise SyntaxProblem(f"description: placeholder {shown} is not a variable name")
         variable, _ = variable_name(node, schema)
         parts.append((None, text))
         parts.append((variable, ""))

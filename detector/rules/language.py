@@ -6,11 +6,13 @@ was expected; `detector.rules.compiler` type-checks and compiles the tree.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "INT_MAGNITUDE_MAX",
     "MAX_DEPTH",
     "Binary",
     "Call",
@@ -100,6 +102,31 @@ def _unescape(body: str) -> str:
     return _ESCAPE_RE.sub(one, body)
 
 
+#: CEL's int is 64-bit; the literal 2**63 is allowed for `-9223372036854775808`, and
+#: `compiler` refuses it unnegated.
+INT_MAGNITUDE_MAX: Final = 2**63
+#: More characters than any literal in range has (0x and 16 hex digits; 19 decimal digits):
+#: longer literals are refused before int() sees them (it refuses beyond 4,300 digits).
+_INT_TEXT_MAX: Final = 20
+
+
+def _number(kind: str, text: str) -> int | float:
+    """The value of a number literal CEL can hold: a 64-bit int or a finite double."""
+    if kind == "float":
+        value = float(text)
+        if not math.isfinite(value):
+            raise SyntaxProblem(f"number literal {text} is out of range (not finite)")
+        return value
+    if len(text) > _INT_TEXT_MAX:
+        raise SyntaxProblem(
+            f"integer literal of {len(text)} characters is out of range (64-bit integers)"
+        )
+    number = int(text, 16 if kind == "hex" else 10)
+    if number > INT_MAGNITUDE_MAX:
+        raise SyntaxProblem(f"integer literal {text} is out of range (64-bit integers)")
+    return number
+
+
 def _tokenize(source: str) -> list[_Token]:
     tokens: list[_Token] = []
     position = 0
@@ -119,10 +146,7 @@ def _tokenize(source: str) -> list[_Token]:
             following = source[position : position + 1]
             if following in ("u", "U"):
                 raise SyntaxProblem(f"unsigned integer literal {text}{following} is not supported")
-            value: object = (
-                float(text) if kind == "float" else int(text, 16 if kind == "hex" else 10)
-            )
-            tokens.append(_Token("number", text, value, column))
+            tokens.append(_Token("number", text, _number(kind, text), column))
         elif kind == "string":
             if tokens and tokens[-1].kind == "ident" and tokens[-1].text in ("r", "R", "b", "B"):
                 raise SyntaxProblem(f"{tokens[-1].text}-prefixed string literals are not supported")

@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,12 @@ def load_ruleset(path: str | Path, schema: Schema) -> Ruleset:
 
 
 _RULE_KEYS: Final = frozenset({"id", "description", "condition", "action", "shadow"})
+#: How problems show a bad value: bounded, so a few lines of YAML aliases that expand to a
+#: billion items cannot make a message of that size.
+_REPR: Final = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 5, 5
+_shown: Final = _REPR.repr
+
 _ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 
 
@@ -265,10 +272,10 @@ def parse_ruleset(text: str, schema: Schema, *, source: str = "<rules>") -> Rule
     if not isinstance(document, dict):
         raise RulesError(source, [f"{source}: must be a mapping with 'version' and 'rules'"])
     for key in sorted(set(document) - {"version", "rules"}, key=str):
-        problems.append(f"{source}: unknown key {key!r} (expected 'version' and 'rules')")
+        problems.append(f"{source}: unknown key {_shown(key)} (expected 'version' and 'rules')")
     version = document.get("version")
     if not isinstance(version, str) or not version.strip():
-        problems.append(f"{source}: version: must be a non-empty string, got {version!r}")
+        problems.append(f"{source}: version: must be a non-empty string, got {_shown(version)}")
     entries = document.get("rules")
     if not isinstance(entries, list):
         problems.append(f"{source}: rules: must be a list of rules, got {type(entries).__name__}")
@@ -292,23 +299,23 @@ def parse_ruleset(text: str, schema: Schema, *, source: str = "<rules>") -> Rule
             rule_problems.append("missing field 'id'")
         else:
             rule_problems.append(
-                f"id: must be letters, digits, '_.:-' (at most 100), got {rule_id!r}"
+                f"id: must be letters, digits, '_.:-' (at most 100), got {_shown(rule_id)}"
             )
         for key in sorted(set(entry) - _RULE_KEYS, key=str):
-            rule_problems.append(f"unknown field {key!r}")
+            rule_problems.append(f"unknown field {_shown(key)}")
         for key in ("description", "condition", "action"):
             if key not in entry:
                 rule_problems.append(f"missing field {key!r}")
             elif not isinstance(entry[key], str):
-                rule_problems.append(f"{key}: must be a string, got {entry[key]!r}")
+                rule_problems.append(f"{key}: must be a string, got {_shown(entry[key])}")
         action = entry.get("action")
         if isinstance(action, str) and action not in ACTIONS:
             rule_problems.append(
-                f"unknown action {action!r} (expected one of {', '.join(ACTIONS)})"
+                f"unknown action {_shown(action)} (expected one of {', '.join(ACTIONS)})"
             )
         shadow = entry.get("shadow", False)
         if not isinstance(shadow, bool):
-            rule_problems.append(f"shadow: must be true or false, got {shadow!r}")
+            rule_problems.append(f"shadow: must be true or false, got {_shown(shadow)}")
         condition = entry.get("condition")
         description = entry.get("description")
         result: Compiled | None = None
@@ -411,9 +418,12 @@ def _build(
                 lines.append(f"    {loads[name]} = {nested[top]}.get({leaf!r})")
             else:
                 lines.append(f"    {loads[name]} = get({name!r})")
-        text = " + ".join(
+        # One join of a flat tuple: a chain of `+` over thousands of placeholders would be an
+        # expression too deep for Python's compiler.
+        parts = ", ".join(
             repr(literal) if name is None else f"fmt({loads[name]})" for name, literal in template
         )
+        text = f"join(({parts},))" if parts else ""
         values = ", ".join(f"{name!r}: {loads[name]}" for name in sorted(rule.variables))
         lines.append(
             f"    return new(Hit, ({rule.id!r}, {rule.action!r}, {text or repr('')},"
@@ -428,6 +438,7 @@ def _build(
         "fmod": math.fmod,
         "len": len,
         "fmt": format_value,
+        "join": "".join,
         "seq": sequence,
         "NOTHING": frozenset(),
         "Hit": Hit,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import jsonschema
 import orjson
@@ -15,10 +17,16 @@ from hypothesis import strategies as st
 
 from detector import schemas
 from detector.config import DetectorConfig, build_detector
-from detector.errors import ConfigError, StateConfigError, StoreUnavailable, TransientError
+from detector.errors import (
+    ConfigError,
+    InvalidJSON,
+    StateConfigError,
+    StoreUnavailable,
+    TransientError,
+)
 from detector.functions import build_service
 from detector.functions.runtime import CollectorPolicy, bound_collector_pauses
-from detector.functions.service import Service
+from detector.functions.service import Message, Service, dead_letter_attributes
 from detector.functions.settings import Settings
 from detector.functions.sinks import MemoryVerdictSink
 from stack.services import free_port
@@ -31,7 +39,7 @@ DEAD = "projects/fraud-test/topics/transactions-dead-letter"
 
 def envelope(
     data: bytes, message_id: str = "m-1", attributes: dict[str, str] | None = None
-) -> dict[str, object]:
+) -> dict[str, Any]:
     return {
         "message": {
             "data": base64.b64encode(data).decode(),
@@ -295,3 +303,194 @@ def test_full_collections_freeze_what_survives_them() -> None:
     finally:
         gc.callbacks.remove(policy)
         gc.unfreeze()
+
+
+def test_a_transaction_dated_after_its_publish_time_is_dead_lettered(
+    service: Service, sink: MemoryVerdictSink
+) -> None:
+    """Beyond MAX_CLOCK_SKEW after the publish time: invalid_transaction naming timestamp."""
+    data = b'{"amount": 5, "customer_id": "c", "timestamp": "2027-11-29T12:00:00Z"}'
+    assert service.on_transaction(envelope(data)) is None
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert body == data
+    assert attributes["error_type"] == "invalid_transaction"
+    assert attributes["error"].startswith("timestamp: must be at most 5m after the publish time")
+    # Within the skew (the publish time is 11:59:59.5) it is decided as usual.
+    on_time = b'{"amount": 5, "customer_id": "c", "timestamp": "2026-11-29T12:04:59Z"}'
+    assert service.on_transaction(envelope(on_time)) is not None
+
+
+def test_http_rejects_a_transaction_dated_after_its_receive_time(service: Service) -> None:
+    """Over HTTP the reference is the receive time; the 400 names timestamp."""
+    status, body = service.on_request(
+        b'{"amount": 5, "customer_id": "c", "timestamp": "2026-11-29T12:05:01Z"}'
+    )
+    assert status == 400
+    assert body["error"]["type"] == "invalid_transaction"
+    [problem] = body["error"]["fields"]
+    assert problem["field"] == "timestamp"
+    assert problem["problem"].startswith("must be at most 5m after the receive time")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, 300.0), ("90s", 90.0), ("10m", 600.0), ("1h", 3600.0)]
+)
+def test_max_clock_skew_is_read_as_a_duration(value: str | None, seconds: float) -> None:
+    """MAX_CLOCK_SKEW takes the project's durations, 5 minutes by default."""
+    env = {"GOOGLE_CLOUD_PROJECT": "p", **({"MAX_CLOCK_SKEW": value} if value else {})}
+    assert Settings.from_env(env).max_clock_skew == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "-5m", "0"])
+def test_an_unusable_max_clock_skew_stops_start_up(value: str) -> None:
+    """A skew that is not a positive duration names the variable."""
+    with pytest.raises(ConfigError, match=r"^MAX_CLOCK_SKEW: "):
+        Settings.from_env({"GOOGLE_CLOUD_PROJECT": "p", "MAX_CLOCK_SKEW": value})
+
+
+CARD = "4111 1111 1111 1111"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"amount": 5, "customer_id": "c", "card_id": CARD + "\x00"},
+        {"amount": 5, "customer_id": "c", "card_id": CARD + "x" * 100_000},
+        {"amount": 5, "customer_id": CARD.replace(" ", "-") * 20},
+    ],
+    ids=["control character", "100 KB", "long"],
+)
+def test_rejected_values_reach_logs_and_dead_letters_short_and_masked(
+    service: Service,
+    sink: MemoryVerdictSink,
+    caplog: pytest.LogCaptureFixture,
+    payload: dict[str, str],
+) -> None:
+    """A card number in a rejected field never appears in a log line, a dead letter's
+    attributes or an HTTP 400's log; a 100 KB field gives a short line."""
+    import io
+
+    from detector import logs
+
+    output = io.StringIO()
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(logs.JsonFormatter())
+    logging.getLogger().addHandler(handler)
+    caplog.set_level(logging.DEBUG)
+    try:
+        service.on_transaction(envelope(orjson.dumps(payload)))
+        status, body = service.on_request(orjson.dumps(payload))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert status == 400
+    [(_, _, attributes)] = sink.messages
+    digits = CARD.replace(" ", "")
+    lines = output.getvalue().splitlines()
+    assert len(lines) == 2  # the dead letter's WARNING, the HTTP rejection's INFO
+    for text in [*lines, *attributes.values()]:
+        assert digits not in text.replace(" ", "").replace("-", "")
+        assert len(text) < 2000
+    if "control" not in attributes["error"]:  # that problem does not repeat the value
+        assert "****" in attributes["error"]
+    assert len(orjson.dumps(body)) < 2000  # the caller's own value, but bounded
+
+
+def test_dead_letter_attributes_stay_within_pub_sub_limits() -> None:
+    """At most 100 attributes and 1024 bytes a value; ours always present; the count dropped said."""
+    many = {f"k{i:03}": "v" * 2000 for i in range(150)}
+    message = Message(
+        data=b"{}", attributes=many, message_id="m-1", source_topic="projects/p/topics/transactions"
+    )
+    attributes = dead_letter_attributes(message, InvalidJSON("data: must be a JSON object"))
+    assert len(attributes) == 100
+    assert all(len(value.encode()) <= 1024 for value in attributes.values())
+    assert attributes["error_type"] == "invalid_json"
+    assert attributes["error"] == "data: must be a JSON object"
+    assert attributes["message_id"] == "m-1"
+    assert attributes["source_topic"] == "projects/p/topics/transactions"
+    assert attributes["attributes_dropped"] == "55"
+    assert attributes["k000"] == "v" * 1021 + "..."
+
+
+def test_dead_letter_attributes_replace_ours_from_an_earlier_dead_letter() -> None:
+    """A redriven message that fails again carries this failure, not the last one."""
+    message = Message(
+        data=b"{}",
+        attributes={"error_type": "old", "error": "old", "origin": "pos-7"},
+        message_id="m-2",
+    )
+    attributes = dead_letter_attributes(message, StoreUnavailable("redis: unreachable"))
+    assert attributes == {
+        "origin": "pos-7",
+        "error_type": "transient_exhausted",
+        "error": "redis: unreachable",
+        "message_id": "m-2",
+        "source_topic": "",
+    }
+
+
+def test_the_source_topic_comes_from_the_cloud_event(
+    service: Service, sink: MemoryVerdictSink
+) -> None:
+    """Where a dead letter came from, so redrive knows where to send it back."""
+    source = "//pubsub.googleapis.com/projects/fraud-test/topics/payments"
+    service.on_transaction(envelope(b"[]"), source=source)
+    service.on_transaction(envelope(b"[]"))  # a push without the topic in its path
+    assert [a["source_topic"] for _, _, a in sink.messages] == [
+        "projects/fraud-test/topics/payments",
+        "projects/fraud-test/topics/transactions",
+    ]
+
+
+class FailingDetector:
+    """A detector whose store is down: every decision raises StoreUnavailable."""
+
+    store = None
+
+    def decide(self, *args: object, **kwargs: object) -> None:
+        raise StoreUnavailable("REDIS_URL: redis://h:6379/0 unreachable")
+
+    def record_label(self, *args: object) -> None:
+        raise StoreUnavailable("REDIS_URL: redis://h:6379/0 unreachable")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "dead_lettered"), [(None, False), (1, False), (9, False), (10, True), (11, True)]
+)
+def test_the_last_delivery_attempt_dead_letters_a_transient_failure_with_its_reason(
+    sink: MemoryVerdictSink, attempt: int | None, dead_lettered: bool
+) -> None:
+    """Before the last attempt a transient failure raises (redelivery); on it, the function
+    dead-letters the message itself with error_type transient_exhausted, and acks."""
+    settings = Settings(project="fraud-test", max_delivery_attempts=10)
+    service = Service(settings, FailingDetector(), sink)  # type: ignore[arg-type]
+    event = envelope(b'{"amount": 5, "customer_id": "c"}', attributes={"origin": "pos-7"})
+    if attempt is not None:
+        event["deliveryAttempt"] = attempt
+    if not dead_lettered:
+        with pytest.raises(StoreUnavailable):
+            service.on_transaction(event)
+        assert sink.messages == []
+        return
+    assert service.on_transaction(event) is None
+    [(topic, body, attributes)] = sink.messages
+    assert topic == DEAD
+    assert body == b'{"amount": 5, "customer_id": "c"}'
+    assert attributes["origin"] == "pos-7"
+    assert attributes["error_type"] == "transient_exhausted"
+    assert attributes["error"] == "REDIS_URL: redis://h:6379/0 unreachable"
+    label = envelope(b'{"transaction_id": "t", "is_fraud": true}')
+    label["deliveryAttempt"] = attempt
+    assert service.on_label(label) is None
+    assert sink.messages[-1][0] == "projects/fraud-test/topics/fraud-feedback-dead-letter"
+    assert sink.messages[-1][2]["error_type"] == "transient_exhausted"
+
+
+@pytest.mark.parametrize("value", ["4", "101", "ten"])
+def test_an_unusable_max_delivery_attempts_stops_start_up(value: str) -> None:
+    """MAX_DELIVERY_ATTEMPTS takes Pub/Sub's bounds of a dead-letter policy, 5 to 100."""
+    with pytest.raises(
+        ConfigError, match=r"^MAX_DELIVERY_ATTEMPTS: must be a whole number from 5 to 100"
+    ):
+        Settings.from_env({"GOOGLE_CLOUD_PROJECT": "p", "MAX_DELIVERY_ATTEMPTS": value})

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from detector.functions import Service
 from stack import services
 
 
@@ -17,3 +24,41 @@ def startup_error(env: dict[str, str], workdir: Path) -> str:
     ):
         pass
     return str(caught.value)
+
+
+@contextlib.contextmanager
+def app(target: str, signature: str, env: dict[str, str]) -> Iterator[tuple[Any, Service]]:
+    """functions-framework's app for detector/main.py's `target`, as a Flask test client, and
+    the Service behind it with a memory sink in place of Pub/Sub.
+
+    The module is loaded as functions-framework loads it (settings from `env`); the root
+    logger's handlers and the collector's callbacks it installs are restored afterwards.
+    """
+    import gc
+
+    import functions_framework
+
+    from detector.functions import MemoryVerdictSink
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    callbacks = gc.callbacks[:]
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        flask_app = functions_framework.create_app(
+            target, str(services.ROOT / "detector" / "main.py"), signature
+        )
+        service: Service = sys.modules["main"].service
+        service.sink = MemoryVerdictSink()
+        yield flask_app.test_client(), service
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        gc.callbacks[:] = callbacks
+        gc.unfreeze()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -196,3 +196,18 @@ def test_http_function_rejects_bad_input_with_400(http_url: str) -> None:
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_json"
     assert requests.get(http_url, timeout=30).status_code == 405
+
+
+def test_http_retries_with_an_idempotency_key_get_one_verdict(http_url: str) -> None:
+    """Over real HTTP: the same Idempotency-Key twice gives the same transaction and verdict;
+    a bad key is a 400 naming the header."""
+    body = {"amount": 1500, "customer_id": "idem-http", "card_id": "idem-http-card"}
+    headers = {"Idempotency-Key": "3f1c9a0e-5b7d-4c2e-9a61-0d8e2f4b6c11"}
+    first = requests.post(http_url, json=body, headers=headers, timeout=30).json()
+    again = requests.post(http_url, json=body, headers=headers, timeout=30).json()
+    same = ("transaction_id", "decision", "score", "reasons")
+    assert first["transaction_id"].startswith("idem-")
+    assert {k: again[k] for k in same} == {k: first[k] for k in same}
+    bad = requests.post(http_url, json=body, headers={"Idempotency-Key": "a b"}, timeout=30)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["fields"][0]["field"] == "Idempotency-Key"

@@ -434,3 +434,74 @@ def test_the_http_function_scores_with_the_bundled_model(workdir: Path) -> None:
     assert verdict["model_version"] == load_model(default_model_path()).version
     assert 0 < verdict["score"] < 1
     assert len(verdict["score_factors"]) == 3
+
+
+def chain(depth: int) -> dict[str, Any]:
+    """A model of one tree `depth` splits deep: node 2k splits on amount <= k, its left child
+    (2k + 1) is a leaf worth k, its right child goes on; the last right child is worth -1."""
+    feature, threshold, left, right, value = [], [], [], [], []
+    for level in range(depth):
+        node = len(feature)
+        feature += [0, -1]
+        threshold += [float(level), 0.0]
+        left += [node + 1, -1]
+        right += [node + 2, -1]
+        value += [0.0, float(level)]
+    feature.append(-1)
+    threshold.append(0.0)
+    left.append(-1)
+    right.append(-1)
+    value.append(-1.0)
+    return {
+        "format": FORMAT,
+        "version": f"chain-{depth}",
+        "features": ["amount", "by_customer.mean_30d"],
+        "missing": -1.0,
+        "trees": [
+            {
+                "feature": feature,
+                "threshold": threshold,
+                "left": left,
+                "right": right,
+                "value": value,
+            },
+            ARTIFACT["trees"][1] | {"feature": [1, -1, -1]},
+        ],
+    }
+
+
+@pytest.mark.parametrize("depth", [97, 98, 99, 300, 2000])
+def test_a_tree_of_any_depth_loads_and_scores_in_python(depth: int) -> None:
+    """Deep trees (beyond the nesting Python's parser allows) load and score as the arrays say."""
+    doc = chain(depth)
+    loaded = pure(parse_model(orjson.dumps(doc)))
+    assert not loaded.native
+    for amount in [-5.0, 0.0, 0.5, 17.0, depth - 1.0, depth + 0.5, float("nan")]:
+        activation = {"amount": amount, "by_customer": {"mean_30d": amount}}
+        assert loaded.raw_score(activation) == reference_raw(doc, activation)
+
+
+@given(st.data())
+def test_the_iterative_walk_gives_the_bits_of_the_generated_walk(data: st.DataObject) -> None:
+    """Forcing every tree of the bundled model through the walk used for deep trees changes
+    no bit of any score, factor or their order."""
+    activation: dict[str, Any] = {"weekday": data.draw(st.integers(1, 7), label="weekday")}
+    for name, edges in zip(BUNDLED["features"], BUNDLED_EDGES, strict=True):
+        if data.draw(st.booleans(), label=f"{name} present"):
+            place(activation, name, data.draw(edges_or_floats(edges), label=name))
+    generated = pure(bundled_model())
+    m = bundled_model()
+    iterative = TreeModel(
+        m.version, m.features, m.trees, m.missing, m.metadata, native=False, nesting_max=0
+    )
+    assert repr(iterative.score(activation)) == repr(generated.score(activation))
+    assert repr(iterative.raw_score(activation)) == repr(generated.raw_score(activation))
+
+
+@native
+def test_a_deep_tree_scores_the_same_bits_in_c_and_python() -> None:
+    """A 300-deep tree: the C walk and the Python walk agree to the bit."""
+    fast = parse_model(orjson.dumps(chain(300)))
+    for amount in [0.5, 150.25, 299.0, 1e9]:
+        activation = {"amount": amount, "by_customer": {"mean_30d": 3.0}}
+        assert repr(fast.score(activation)) == repr(pure(fast).score(activation))

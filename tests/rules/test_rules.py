@@ -739,6 +739,67 @@ def test_conditions_nested_too_deeply_are_rejected(condition: str) -> None:
     assert "condition is nested too deeply: more than 100 levels" in error_of(one_rule(condition))
 
 
+@pytest.mark.parametrize(
+    ("condition", "message"),
+    [
+        ("amount > 1e999", "number literal 1e999 is out of range (not finite)"),
+        ("amount > -1e999", "number literal 1e999 is out of range (not finite)"),
+        ("amount < " + "9" * 5000, "integer literal of 5000 characters is out of range"),
+        ("amount < 0x" + "f" * 5000, "integer literal of 5002 characters is out of range"),
+        ("amount < 9223372036854775808", "integer literal 9223372036854775808 is out of range"),
+    ],
+)
+def test_literals_that_cannot_run_are_rejected_naming_the_rule(
+    condition: str, message: str
+) -> None:
+    """Numbers CEL cannot hold (64-bit ints, finite doubles) are load errors, not a crash later."""
+    assert error_of(one_rule(condition)).startswith(f'rules.yaml: rule "r1": {message}')
+
+
+def test_the_largest_integer_literals_load() -> None:
+    """The 64-bit range's edges are accepted."""
+    assert fires("amount < 9223372036854775807 && amount > -9223372036854775808")
+
+
+@pytest.mark.parametrize(
+    ("description", "message"),
+    [
+        ("{" + "(" * 150 + "amount" + ")" * 150 + "}", "is not a variable name"),
+        ("{" + "(" * 5000 + "amount" + ")" * 5000 + "}", "is not a variable name"),
+        ("{" + "!" * 5000 + "amount}", "is not a variable name"),
+    ],
+)
+def test_deep_placeholders_are_rejected_naming_the_rule(description: str, message: str) -> None:
+    """A placeholder nested too deeply is a rules error, not a RecursionError."""
+    assert message in error_of(one_rule("amount > 1", description=description))
+
+
+def test_a_description_with_many_placeholders_loads_and_formats() -> None:
+    """Thousands of placeholders compile (no expression too deep for Python's compiler)."""
+    ruleset = parse_ruleset(one_rule("amount > 1", description="{amount}," * 5000), SCHEMA)
+    [hit] = ruleset.evaluate(BASE).hits
+    assert hit.description == "120," * 5000
+
+
+def test_matches_is_linear_time() -> None:
+    """RE2 semantics: a pattern that backtracks exponentially in `re` runs in microseconds."""
+    import time
+
+    ruleset = parse_ruleset(one_rule('merchant.matches("^(a|aa)+$")'), SCHEMA)
+    started = time.perf_counter()
+    evaluation = ruleset.evaluate({**BASE, "merchant": "a" * 40 + "b"})
+    assert time.perf_counter() - started < 0.05  # `re` takes hours on this input
+    assert evaluation.hits == ()
+    assert ruleset.evaluate({**BASE, "merchant": "a" * 40}).hits
+
+
+@pytest.mark.parametrize("pattern", ["(a)\\\\1", "a(?=b)", "a(?!b)", "(?<=a)b", "(?<!a)b"])
+def test_patterns_re2_cannot_run_are_rejected(pattern: str) -> None:
+    """Backreferences and lookaround (not RE2) are load errors naming the rule and the pattern."""
+    error = error_of(one_rule(f'merchant.matches("{pattern}")'))
+    assert error.startswith('rules.yaml: rule "r1": bad regular expression ')
+
+
 def test_empty_ruleset_allows_everything() -> None:
     """A file with no rules is valid and allows every transaction."""
     ruleset = parse_ruleset('version: "empty"\nrules: []\n', SCHEMA)
