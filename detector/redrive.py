@@ -5,6 +5,11 @@ dead-letter topic, republished to their `source_topic` with the attributes the d
 (`DEAD_LETTER_KEYS`) removed, and acked once the republish is stored. A message without a
 `source_topic`, or one that `--filter` leaves out, is neither republished nor acked: it comes
 back to the subscription when its ack deadline passes. A dry run only counts.
+
+A message the source subscription's own dead-letter policy forwarded (delivered too many
+times without success, e.g. through a long outage) carries Pub/Sub's
+`CloudPubSubDeadLetterSource*` attributes instead of ours: it counts as `delivery_exhausted`
+and goes back to the topic of the subscription it left, without those attributes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ __all__ = ["Outcome", "add_redrive", "parse_filters", "redrive"]
 
 #: Messages pulled per request (Pub/Sub's maximum is 1,000; small keeps leases short).
 BATCH = 100
+
+#: What Pub/Sub adds to a message its subscription's dead-letter policy forwards: the message
+#: was delivered that many times without an ack, so the detector never wrote a reason.
+FORWARDED = "CloudPubSubDeadLetterSource"
+_FORWARDED_COUNT = FORWARDED + "DeliveryCount"
 
 
 @dataclass
@@ -80,6 +90,7 @@ def redrive(
     """
     outcome = Outcome()
     seen: set[str] = set()
+    topics: dict[str, str] = {}  # subscription -> its topic, for forwarded messages
     wanted = dict(filters or {})
     while limit is None or sum(outcome.redriven.values()) < limit:
         response = subscriber.pull(
@@ -94,6 +105,14 @@ def redrive(
             attributes = dict(message.attributes)
             kind = attributes.get("error_type", "(none)")
             source = attributes.get("source_topic", "")
+            if "error_type" not in attributes and _FORWARDED_COUNT in attributes:
+                # Forwarded by the policy after repeated failures (a long outage): the reason
+                # is the delivery count, the source the topic of the subscription it left.
+                kind = "delivery_exhausted"
+                left = _forwarded_from(attributes)
+                if left not in topics:
+                    topics[left] = _topic_of(subscriber, left, timeout)
+                source = topics[left]
             full = limit is not None and sum(outcome.redriven.values()) >= limit
             if full or any(attributes.get(k) != v for k, v in wanted.items()):
                 continue
@@ -101,13 +120,38 @@ def redrive(
                 outcome.left[f"{kind} (no source_topic)"] += 1
                 continue
             if not dry_run:
-                kept = {k: v for k, v in attributes.items() if k not in DEAD_LETTER_KEYS}
+                kept = {
+                    k: v
+                    for k, v in attributes.items()
+                    if k not in DEAD_LETTER_KEYS and not k.startswith(FORWARDED)
+                }
                 publisher.publish(source, message.data, **kept).result(timeout=60)
                 subscriber.acknowledge(
                     request={"subscription": subscription, "ack_ids": [received.ack_id]}
                 )
             outcome.redriven[kind] += 1
     return outcome
+
+
+def _forwarded_from(attributes: Mapping[str, str]) -> str:
+    """The subscription a policy-forwarded message left, as a full path."""
+    project = attributes.get(FORWARDED + "SubscriptionProject", "")
+    return f"projects/{project}/subscriptions/{attributes.get(FORWARDED + 'Subscription', '')}"
+
+
+def _topic_of(subscriber: Any, subscription: str, timeout: float) -> str:
+    """The topic a subscription reads, or "" when it is gone (the message is then left)."""
+    # Imported here, as the clients are in `_run`: the other commands never need gRPC.
+    from google.api_core import exceptions
+
+    try:
+        return str(
+            subscriber.get_subscription(
+                request={"subscription": subscription}, timeout=timeout
+            ).topic
+        )
+    except exceptions.NotFound:
+        return ""
 
 
 def _run(args: argparse.Namespace) -> int:

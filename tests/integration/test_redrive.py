@@ -95,6 +95,57 @@ def test_dead_letters_go_back_to_their_source_topic(pubsub_env: dict[str, str]) 
     assert len(pull(subscriber, source_sub, 3)) == 3
 
 
+def test_messages_the_policy_forwarded_go_back_to_the_topic_they_left(
+    pubsub_env: dict[str, str],
+) -> None:
+    """A message delivered five times without an ack is forwarded by the subscription's
+    dead-letter policy; redrive counts it as delivery_exhausted and republishes it to the topic
+    of the subscription it left, without Pub/Sub's dead-letter attributes."""
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    source, dead = services.unique("payments"), services.unique("payments-dead")
+    create_topic(publisher, source)
+    create_topic(publisher, dead)
+    keep = create_subscription(subscriber, services.unique("dead-keep"), dead)
+    arrived = create_subscription(subscriber, services.unique("dead-seen"), dead)
+    failing = f"projects/{PROJECT}/subscriptions/{services.unique('failing')}"
+    subscriber.create_subscription(
+        request={
+            "name": failing,
+            "topic": topic_path(source),
+            "dead_letter_policy": {
+                "dead_letter_topic": topic_path(dead),
+                "max_delivery_attempts": 5,
+            },
+        }
+    )
+    publisher.publish(topic_path(source), b'{"amount": 7}', origin="pos-9").result(30)
+    attempts = 0
+    while attempts < 5:  # as a function that keeps failing: every delivery is refused
+        for received in subscriber.pull(
+            request={"subscription": failing, "max_messages": 10}, timeout=10
+        ).received_messages:
+            attempts += 1
+            subscriber.modify_ack_deadline(
+                request={
+                    "subscription": failing,
+                    "ack_ids": [received.ack_id],
+                    "ack_deadline_seconds": 0,
+                }
+            )
+    # The emulator forwards when it would deliver a sixth time: on the next pull.
+    subscriber.pull(request={"subscription": failing, "max_messages": 10}, timeout=10)
+    [forwarded] = pull(subscriber, arrived, 1)
+    assert forwarded.attributes["CloudPubSubDeadLetterSourceDeliveryCount"] == "5"
+    back_sub = create_subscription(subscriber, services.unique("payments-back"), source)
+    counts = redrive("--subscription", keep, env=pubsub_env)
+    assert counts.returncode == 0, counts.stderr
+    assert counts.stdout.splitlines() == ["redriven 1", "  delivery_exhausted: 1"]
+    [back] = pull(subscriber, back_sub, 1)
+    assert back.data == b'{"amount": 7}'
+    assert back.attributes == {"origin": "pos-9"}
+
+
 def test_a_filter_that_is_not_key_value_is_one_line_error(pubsub_env: dict[str, str]) -> None:
     """User mistakes end as `error: ...`, exit 2, no traceback."""
     result = redrive("--subscription", "s", "--filter", "error_type", env=pubsub_env)
