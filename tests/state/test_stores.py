@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis
+import redis.cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
@@ -57,7 +58,11 @@ def test_the_c_histories_are_used_where_built() -> None:
     assert not MemoryStore(native=False).native
 
 
-@pytest.fixture(params=["memory-c", "memory-python", "redis"])
+#: The fixture of each Redis store's server.
+REDIS_SERVERS = {"redis": "redis_url", "redis-cluster": "redis_cluster_url"}
+
+
+@pytest.fixture(params=["memory-c", "memory-python", *REDIS_SERVERS])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Factory]:
     """Builds stores of one kind; Redis stores get a fresh key prefix each."""
     opened: list[StateStore] = []
@@ -69,7 +74,7 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[Factory]:
         if request.param.startswith("memory"):
             store = MemoryStore(config, native=request.param == "memory-c")
         else:
-            url = request.getfixturevalue("redis_url")
+            url = request.getfixturevalue(REDIS_SERVERS[request.param])
             store = RedisStore(config, url, prefix=unique("test") + ":")
         opened.append(store)
         return store
@@ -614,20 +619,57 @@ def test_a_c_history_refuses_what_it_cannot_hold_and_never_disagrees_with_itself
     assert (got["count_30s"], got["max_30s"], got["distinct_countries_30s"]) == (1.0, 1.0, 1.0)
 
 
+@pytest.fixture(params=list(REDIS_SERVERS))
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """URL of a single redis-server, then of a node of a three-master cluster."""
+    url: str = request.getfixturevalue(REDIS_SERVERS[request.param])
+    return url
+
+
 @pytest.mark.integration
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(steps=streams())
 def test_redis_store_matches_the_specification(
-    redis_url: str, steps: list[tuple[str, object]]
+    any_redis_url: str, steps: list[tuple[str, object]]
 ) -> None:
-    """Random streams with jitter, ties, redeliveries and labels: Redis store == model."""
-    store = RedisStore(PROPERTY_CONFIG, redis_url, prefix=unique("prop") + ":")
+    """Random streams with jitter, ties, redeliveries and labels: Redis store == model,
+    on one node and on a cluster."""
+    store = RedisStore(PROPERTY_CONFIG, any_redis_url, prefix=unique("prop") + ":")
     try:
         run_against_oracle(store, steps)
     finally:
         store.close()
+
+
+@pytest.mark.integration
+def test_a_cluster_node_url_gets_a_cluster_client_and_entities_spread_over_nodes(
+    redis_cluster_url: str, redis_url: str
+) -> None:
+    """REDIS_URL naming one node of a cluster works: the store sees cluster mode, and its
+    keys land on every node, each entity's keys on one; a single server is no cluster."""
+    prefix = unique("spread") + ":"
+    store = RedisStore(SMALL, redis_cluster_url, prefix=prefix)
+    assert store.cluster and not RedisStore(SMALL, redis_url).cluster
+    for i in range(30):
+        store.observe(ev(f"x{i}", 1000 + i, customer=f"c{i}", card=f"k{i % 3}"))
+    assert store.record_label("x7", True) is LabelOutcome.APPLIED
+    got = store.observe(ev("y", 1040, customer="c7", card="k1"))
+    assert got["customer"]["fraud_count_100s"] == 1.0
+    assert got["card"]["count_100s"] == 10.0
+    cluster = redis.cluster.RedisCluster.from_url(redis_cluster_url)
+    nodes = {}
+    for node in cluster.get_primaries():
+        keys = cluster.scan_iter(match=prefix + "*", target_nodes=node)
+        nodes[node.name] = {key.split(b"}")[0] for key in keys}
+    assert all(nodes.values())  # every node holds some
+    tags = [tag for held in nodes.values() for tag in held]
+    assert len(tags) == len(set(tags))  # and no entity is split
+    store.drop()
+    assert not list(cluster.scan_iter(match=prefix + "*"))
+    cluster.close()
+    store.close()
 
 
 # --- memory bounds, Redis specifics -------------------------------------------------------
