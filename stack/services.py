@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,6 +35,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port P <= 55535 on 127.0.0.1 whose cluster bus port P + 10000 is free too."""
+    while True:
+        port = random.randint(20_000, 55_535)
+        with socket.socket() as one, socket.socket() as bus:
+            try:
+                one.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
 
 
 def unique(prefix: str) -> str:
@@ -210,16 +224,89 @@ def redis_server(workdir: Path, binary: Path | None = None) -> Iterator[str]:
     process = start(store_command(binary, port, workdir), workdir / "redis.log")
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            if time.monotonic() > deadline or process.popen.poll() is not None:
-                raise RuntimeError(f"{binary.name} did not start:\n{process.output()}")
-            time.sleep(0.05)
+        _wait_port(port, process, binary.name)
         yield url
     finally:
         process.stop()
+
+
+@contextlib.contextmanager
+def redis_cluster(workdir: Path, masters: int = 3, binary: Path | None = None) -> Iterator[str]:
+    """Run a throwaway Redis Cluster of `masters` primaries, no replicas; yields the URL of
+    one node (a client that speaks the cluster protocol finds the others from it).
+
+    Each node is a server of its own (own process group, log, port, cluster config file in
+    workdir), joined with ``redis-cli --cluster create``.
+
+    Raises:
+        RuntimeError: redis-server or redis-cli is missing, or the cluster did not form.
+    """
+    binary = binary or store_binary()
+    cli = shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise RuntimeError(
+            "a Redis Cluster needs redis-server and redis-cli (Debian: redis-server)"
+        )
+    ports: list[int] = []
+    while len(ports) < masters:
+        port = free_cluster_port()
+        if port not in ports:
+            ports.append(port)
+    processes: list[Process] = []
+    try:
+        for port in ports:
+            node = workdir / f"node-{port}"
+            node.mkdir()
+            argv = store_command(binary, port, node)
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf")]
+            processes.append(start(argv, node / "redis.log"))
+        for port, process in zip(ports, processes, strict=True):
+            _wait_port(port, process, binary.name)
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            states = [
+                subprocess.run(
+                    [cli, "-p", str(port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
+                for port in ports
+            ]
+            if all("cluster_state:ok" in state for state in states):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not reach cluster_state:ok:\n{states}")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def _wait_port(port: int, process: Process, name: str) -> None:
+    """Wait until a started server accepts connections, or fail with its log."""
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        if time.monotonic() > deadline or process.popen.poll() is not None:
+            raise RuntimeError(f"{name} did not start:\n{process.output()}")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of one node of a real three-master Redis Cluster shared by the whole session."""
+    with services.redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment() -> Iterator[None]:
     """Tests may change os.environ; each starts from the same one."""

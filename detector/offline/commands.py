@@ -139,7 +139,8 @@ def add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--until", help="stop at the first transaction at or after this time")
     parser.add_argument(
         "--redis-url",
-        help="keep state in this Redis (single node) instead of memory, under a prefix of the "
+        help="keep state in this Redis or Valkey (a single node, or any node of a cluster) "
+        "instead of memory, under a prefix of the "
         "run's own, deleted at the end; replays in one process",
     )
     parser.add_argument(

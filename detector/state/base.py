@@ -23,20 +23,30 @@ Semantics shared by every store (the same test suite runs against each):
   ``timestamp > t - W`` (a transaction exactly W seconds old has left it).
 - Amounts are summed exactly as integer millionths (``round(amount * 1e6)``), so sums and means
   do not drift and both stores agree to the bit; digits beyond the sixth decimal are rounded.
-- Lateness. The store tracks the newest timestamp recorded (the watermark). A transaction older
-  than ``watermark - allowed_lateness`` is scored against what the store holds but not recorded
-  (logged at WARNING); labels for it report ``unknown``. Within the lateness it is recorded
-  in its place, and later transactions see it.
-- Redelivery. A transaction_id already recorded is not recorded again (logged at INFO); it is
-  scored like the first time against the earlier transactions, so it gets the same features
-  unless older transactions arrived late or labels arrived in between.
-- Retention. State older than ``watermark - retention`` may be forgotten, whole entities
-  included; ``retention >= longest window + allowed_lateness`` keeps every window exact for
-  every transaction that is recorded. ``seconds_since_last`` looks back at most
+- Lateness, per entity. Each entity's newest recorded timestamp is its own clock. A
+  transaction more than ``allowed_lateness`` behind the newest of an entity is scored against
+  what that entity holds but not recorded for it (logged at WARNING); it is still recorded
+  for its other entities. Within the lateness it is recorded in its place, and later
+  transactions see it. A timestamp far ahead thus moves the clocks of the entities it names
+  only: every other entity goes on as before.
+- Redelivery, per entity. A transaction_id an entity holds is not recorded for it again
+  (logged at INFO); it is scored like the first time against the entity's earlier
+  transactions, so it gets the same features unless older transactions arrived late or labels
+  arrived in between. An entity holds a transaction for ``retention`` seconds of event time
+  after it (before its own newest), so a redelivery counts once for at least that long
+  (30 days and an hour by default, beyond Pub/Sub's longest retention of 7 days); older than
+  that it is too late anyway. No state shared across entities decides it.
+- Retention, per entity. An entity's state more than ``retention`` older than its own newest
+  may be forgotten; ``retention >= longest window + allowed_lateness`` keeps every window exact
+  for every transaction that is recorded. ``seconds_since_last`` looks back at most
   ``retention - allowed_lateness`` seconds (the longest window by default), so it is exact too.
-  The memory store treats a transaction_id recorded longer ago than the retention as unknown
-  whether or not its forgetting pass has run, so that what it decides depends on event time
-  alone.
+  Idle entities are forgotten whole: in memory, once their newest is more than ``retention``
+  behind the median event time of the latest transactions recorded (a few timestamps far
+  ahead do not move it); in Redis, when their keys expire, ``retention`` seconds of wall-clock
+  time after their last write.
+- Labels. A label names a transaction_id; it counts for each entity that holds the
+  transaction, and is ``unknown`` (logged at WARNING) when none does: never recorded, too late
+  for every entity, or older than the retention of each.
 - Labels count by transaction time: ``fraud_count_W`` counts the earlier transactions in the
   window that were labelled fraudulent by the time of the call.
 

@@ -24,12 +24,10 @@ from detector.state.base import (
     LabelOutcome,
     Raw,
     StateConfig,
-    entities_of,
     feature_names,
     select,
     window_name,
 )
-from detector.vocabulary import ENTITIES
 
 try:  # the C histories (`make native`); without them, the same in Python
     import detector.state._history as _history
@@ -45,6 +43,9 @@ NATIVE_HISTORIES: Final = _history is not None
 
 #: Entities (or remembered transaction ids) the memory store's forgetting visits per call.
 SWEEP_SLICE = 512
+
+#: How many of the latest recorded event times the forgetting clock is the median of.
+_CLOCK_SAMPLE = 63
 
 #: The largest amount in micros (either sign) that C histories sum (64-bit integers).
 _MICROS_MAX = 2**63 - 1
@@ -517,8 +518,11 @@ class MemoryStore:
         # time), to forget from the front without scanning the dict's deleted slots.
         self._arrivals: deque[tuple[float, str]] = deque()
         self._labels: dict[str, bool] = {}
-        self._watermark = float("-inf")
-        # Forgetting runs when the watermark has advanced this far since the last time.
+        # The event times of the latest transactions recorded: their median is the clock
+        # that forgetting idle entities goes by, which a few timestamps far ahead (or behind)
+        # cannot move.
+        self._recent: deque[float] = deque(maxlen=_CLOCK_SAMPLE)
+        # Forgetting runs when that clock has advanced this far since the last time.
         self._sweep_every = max(self._keep / 8, 60.0)
         self._next_sweep = float("-inf")
         self._sweeper: Iterator[None] | None = None
@@ -648,22 +652,6 @@ class MemoryStore:
         ts = event.timestamp
         txid = event.transaction_id
         known = self._txs.get(txid)
-        if known is not None:
-            if known[0][_TS] > self._watermark - self._keep:
-                log.info("transaction %s already recorded: scored, not counted again", txid)
-                return self._score_only(event, needed)
-            # Recorded longer ago than the retention, not swept yet: forgotten all the same,
-            # label included; this transaction takes the id.
-            self._labels.pop(txid, None)
-        if ts < self._watermark - self._lateness:
-            log.warning(
-                "transaction %s is %.0f s behind the newest (allowed lateness %.0f s): "
-                "scored, not recorded",
-                txid,
-                self._watermark - ts,
-                self._lateness,
-            )
-            return self._score_only(event, needed)
         amount = event.amount
         micro = round(amount * MICROS)
         if (micro > _MICROS_MAX or micro < -_MICROS_MAX) and self.native:
@@ -671,37 +659,81 @@ class MemoryStore:
         tx: _Record = (ts, txid, amount, micro, event.terminal, event.merchant, event.country)
         plans = self._plans.get(needed) or self._plan(needed)
         features: Features = {}
-        for kind, ident, entities in (
-            ("customer", event.customer, self._customers),
-            ("card", event.card, self._cards),
-            ("terminal", event.terminal, self._terminals),
-            ("merchant", event.merchant, self._merchants),
+        before: list[str | None] = [None, None, None, None] if known is None else list(known[1:])
+        recorded = list(before)
+        duplicate: list[str] = []
+        late: list[tuple[str, float]] = []
+        for slot, kind, ident, entities in (
+            (0, "customer", event.customer, self._customers),
+            (1, "card", event.card, self._cards),
+            (2, "terminal", event.terminal, self._terminals),
+            (3, "merchant", event.merchant, self._merchants),
         ):
             if ident is None:
                 continue
             history = entities.get(ident)
             if history is None:
                 history = entities[ident] = self._new_history(kind)
+            elif known is not None and self._holds(known, slot, ident, history):
+                duplicate.append(kind)
+                features[kind] = self._score(kind, history, event, needed)
+                continue
             plan = plans[kind]
             out = plan.step(history, tx, self._lookback, self._keep, self._longest)
             if out is None:  # not after everything the entity holds
+                behind = history.newest - ts
+                if behind > self._lateness:
+                    late.append((kind, behind))
+                    features[kind] = self._score(kind, history, event, needed)
+                    continue
                 raws, gap = self._insert(history, tx)
                 out = self._builder.build(kind, amount, raws, gap)
                 if plan.keys is not None:
                     out = plan.select(out)
             features[kind] = out
-        self._txs[txid] = (tx, event.customer, event.card, event.terminal, event.merchant)
+            recorded[slot] = ident
+        if duplicate:
+            log.info(
+                "transaction %s already recorded for %s: scored, not counted again",
+                txid,
+                ", ".join(duplicate),
+            )
+        for kind, behind in late:
+            log.warning(
+                "transaction %s is %.0f s behind the newest of its %s (allowed lateness "
+                "%.0f s): scored, not recorded for it",
+                txid,
+                behind,
+                kind,
+                self._lateness,
+            )
+        if recorded == before:
+            return features  # recorded for no entity it was not recorded for already
+        if known is not None and known[0][_TS] != ts:
+            # The id again with another event time: counted afresh where it was not held.
+            self._labels.pop(txid, None)
+        self._txs[txid] = (tx, recorded[0], recorded[1], recorded[2], recorded[3])
         self._arrivals.append((ts, txid))
-        if ts > self._watermark:
-            self._watermark = ts
-            if ts >= self._next_sweep:
+        recent = self._recent
+        recent.append(ts)
+        if ts >= self._next_sweep:
+            clock = sorted(recent)[(len(recent) - 1) // 2]
+            if clock >= self._next_sweep:
                 for _ in self._sweeper or ():
                     pass  # finish the previous pass before starting another
-                self._next_sweep = ts + self._sweep_every
-                self._sweeper = self._sweep()
+                self._next_sweep = clock + self._sweep_every
+                self._sweeper = self._sweep(clock)
         if self._sweeper is not None and next(self._sweeper, StopIteration) is StopIteration:
             self._sweeper = None
         return features
+
+    def _holds(self, known: _Known, slot: int, ident: str, history: _History) -> bool:
+        """Whether the entity recorded this transaction and still holds it (its own
+        retention: the record is less than `retention` older than the entity's newest)."""
+        if known[1 + slot] != ident or not history:
+            return False
+        stamp = known[0][_TS]
+        return history.oldest <= stamp and stamp > history.newest - self._keep
 
     def _insert(self, h: _History, tx: _Record) -> tuple[list[Raw], float | None]:
         """Slow path: tx arrived after later transactions of this entity."""
@@ -712,45 +744,46 @@ class MemoryStore:
         h.rebuild(self._labels)
         return raws, gap
 
-    def _score_only(self, event: Event, needed: frozenset[str] | None) -> Features:
-        """Features of an event that is not recorded (redelivered or too late)."""
-        features: Features = {}
+    def _score(
+        self, kind: str, history: _History, event: Event, needed: frozenset[str] | None
+    ) -> dict[str, float]:
+        """Features of an event this entity does not record (redelivered or too late)."""
         ts, txid = event.timestamp, event.transaction_id
-        for kind, ident in entities_of(event):
-            history = self._entities[kind].get(ident) or self._new_history(kind)
-            index = history.position(ts, txid)
-            raws = history.scan(index, ts, txid, self._windows, self._labels)
-            gap = history.gap(index, ts, txid, self._lookback)
-            features[kind] = select(
-                self._builder.build(kind, event.amount, raws, gap), self._wanted(kind, needed)
-            )
-        return features
+        index = history.position(ts, txid)
+        raws = history.scan(index, ts, txid, self._windows, self._labels)
+        gap = history.gap(index, ts, txid, self._lookback)
+        return select(
+            self._builder.build(kind, event.amount, raws, gap), self._wanted(kind, needed)
+        )
 
-    def _sweep(self) -> Iterator[None]:
-        """Forget transactions and entities older than the retention behind the watermark.
+    def _sweep(self, clock: float) -> Iterator[None]:
+        """Forget what no transaction can read any more.
 
-        A generator: each step does at most `SWEEP_SLICE` entities or transaction ids, one
-        step per observed transaction, so no transaction waits for a whole pass. The cutoff
-        follows the watermark as the pass goes.
+        An entity whose newest transaction is more than the retention behind `clock` (the
+        median event time of the latest transactions) is forgotten whole; another keeps its
+        last `retention` seconds before its own newest. A generator: each step does at most
+        `SWEEP_SLICE` entities or transaction ids, one step per recorded transaction, so no
+        transaction waits for a whole pass.
         """
         gone = forgotten = 0
+        keep = self._keep
+        idle = clock - keep
         for histories in self._entities.values():
             keys = list(histories)
             for start in range(0, len(keys), SWEEP_SLICE):
-                cutoff = self._watermark - self._keep
                 for key in keys[start : start + SWEEP_SLICE]:
                     h = histories.get(key)
                     if h is None:
                         continue
-                    if not h or h.newest <= cutoff:  # empty: a C history that refused
+                    if not h or h.newest <= idle:  # empty: a C history that refused
                         del histories[key]
                         gone += 1
-                    elif h.oldest <= cutoff:
-                        h.trim(cutoff)
+                    elif h.oldest <= h.newest - keep:
+                        h.trim(h.newest - keep)
                 yield
         while True:
             remembered = len(self._txs)
-            more = self._forget_ids()
+            more = self._forget_ids(idle)
             forgotten += remembered - len(self._txs)
             if not more:
                 break
@@ -758,35 +791,51 @@ class MemoryStore:
         if gone or forgotten:
             log.debug("forgot %d entities and %d transactions", gone, forgotten)
 
-    def _remembered(self, transaction_id: str) -> _Known | None:
-        """The transaction recorded under this id, unless it is older than the retention.
+    def _holders(self, known: _Known) -> list[_History]:
+        """The histories that still hold a recorded transaction."""
+        held = []
+        for slot, entities in enumerate(
+            (self._customers, self._cards, self._terminals, self._merchants)
+        ):
+            ident: str | None = known[1 + slot]  # type: ignore[assignment]
+            if ident is None:
+                continue
+            history = entities.get(ident)
+            if history is not None and self._holds(known, slot, ident, history):
+                held.append(history)
+        return held
 
-        What the sweep has not reached yet counts as forgotten too, so that redelivery and
-        labels depend on event time only, not on when a pass last ran (a replay shard, which
-        starts its passes elsewhere, decides exactly as one process does).
-        """
-        known = self._txs.get(transaction_id)
-        if known is not None and known[0][_TS] <= self._watermark - self._keep:
-            return None
-        return known
-
-    def _forget_ids(self) -> bool:
-        """Forget up to `SWEEP_SLICE` remembered ids older than the retention, oldest first.
+    def _forget_ids(self, cutoff: float) -> bool:
+        """Forget up to `SWEEP_SLICE` remembered ids older than cutoff that no entity holds.
 
         Returns whether more may be due. Ids are in the order recorded, roughly event time:
-        a late straggler behind a newer id waits for a later pass.
+        a late straggler behind a newer id waits for a later pass; one an entity still holds
+        (its newest is less than the retention after it), or one dated more than the retention
+        ahead of the clock,
+        goes to the back of the queue.
         """
-        cutoff = self._watermark - self._keep
         arrivals, txs, labels = self._arrivals, self._txs, self._labels
+        ahead = cutoff + 2 * self._keep  # the clock + the retention
+        rotated = 0
         for _ in range(SWEEP_SLICE):
-            if not arrivals or arrivals[0][0] > cutoff:
+            if not arrivals:
                 return False
+            if arrivals[0][0] > cutoff:
+                if arrivals[0][0] <= ahead or rotated >= len(arrivals):
+                    return False
+                # Dated far ahead of the clock: to the back, so that it holds up no other.
+                arrivals.append(arrivals.popleft())
+                rotated += 1
+                continue
             ts, txid = arrivals.popleft()
             known = txs.get(txid)
             # An id recorded again after it expired has a newer record: that one stays.
             if known is not None and known[0][_TS] == ts:
-                del txs[txid]
-                labels.pop(txid, None)
+                if self._holders(known):
+                    arrivals.append((ts, txid))
+                else:
+                    del txs[txid]
+                    labels.pop(txid, None)
         return True
 
     def observe_many(
@@ -801,9 +850,10 @@ class MemoryStore:
             return self._record_label(transaction_id, is_fraud)
 
     def _record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
-        known = self._remembered(transaction_id)
+        known = self._txs.get(transaction_id)
+        holders = [] if known is None else self._holders(known)
         old = self._labels.get(transaction_id)
-        if known is None:
+        if not holders:
             outcome = LabelOutcome.UNKNOWN
         elif old is None:
             outcome = LabelOutcome.APPLIED
@@ -811,16 +861,22 @@ class MemoryStore:
             outcome = LabelOutcome.DUPLICATE
         else:
             outcome = LabelOutcome.CHANGED
-        if known is not None and outcome is not LabelOutcome.DUPLICATE:
+        if known is not None and holders and outcome is not LabelOutcome.DUPLICATE:
             self._labels[transaction_id] = is_fraud
             delta = int(is_fraud) - int(bool(old))
             if delta:
-                stamp = known[0][_TS]
-                for kind, ident in zip(ENTITIES, known[1:], strict=True):
-                    history = None if ident is None else self._entities[kind].get(ident)
-                    if history is not None:
-                        history.add_fraud(stamp, transaction_id, delta)
-        log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
+                for history in holders:
+                    history.add_fraud(known[0][_TS], transaction_id, delta)
+        if outcome is LabelOutcome.UNKNOWN:
+            log.warning(
+                "label %s for %s: %s (never recorded, or older than the retention of each "
+                "of its entities): not counted",
+                is_fraud,
+                transaction_id,
+                outcome,
+            )
+        else:
+            log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
         return outcome
 
     def check(self) -> None:

@@ -1,23 +1,34 @@
-"""The state store in Redis, shared by every function instance (e.g. Memorystore).
+"""The state store in Redis or Valkey, single node or cluster, shared by every instance.
 
-One Lua script per call makes each observe and each label atomic, so concurrent instances
-never count a transaction twice or read half an update. Semantics are those of
-`detector.state.base` (the same test suite runs against both stores).
+Each entity's state lives under keys of one hash slot, and every script touches one entity:
+it runs atomically on the node that holds the entity, so concurrent instances never count a
+transaction twice for an entity nor read half an update, and Redis Cluster (Memorystore
+Cluster) accepts it. An observe is one pipeline, one round trip per node: a script per
+entity the transaction names and the write of its label index. Semantics are those of
+`detector.state.base` (the same test suite runs against every store).
 
-Keys (``P`` is the key prefix, default ``fraud:``), all expiring ``retention`` seconds after
-their last write:
+Keys (``P`` is the key prefix, default ``fraud:``; ``E`` is ``<kind>:<id>``, e.g.
+``customer:c1``, the hash tag that puts an entity's keys in one slot), all expiring
+``retention`` seconds after their last write:
 
-- ``P t:<transaction_id>``: hash ``ts``, ``label`` ("" / "1" / "0") and ``ents`` (the
-  entities it was recorded under). Its existence makes a redelivery a duplicate.
-- ``P h:<kind>:<id>``: sorted set of the entity's transactions, score = timestamp, member =
+- ``P{E}:h``: sorted set of the entity's transactions, score = timestamp, member =
   ``transaction_id NUL micros NUL amount NUL terminal NUL merchant NUL country`` (attributes
   are "" when absent, else "+value"). Equal scores sort by member bytes, i.e. by
-  transaction_id: the same order as the memory store. Trimmed to ``watermark - retention``.
-- ``P f:<kind>:<id>``: sorted set of the entity's transactions labelled fraudulent.
-- ``P wm``: the watermark, the newest timestamp recorded.
+  transaction_id: the same order as the memory store. Its highest score is the entity's
+  newest, which decides lateness; each write trims it to ``newest - retention``.
+- ``P{E}:i``: hash transaction_id -> ``"<timestamp> <label>"`` (label "", "1" or "0") of the
+  transactions the entity holds, trimmed with the history: a redelivery finds its id here
+  (about 60 bytes per transaction and entity, for the retention).
+- ``P{E}:f``: sorted set of the entity's transactions labelled fraudulent.
+- ``P{t:<transaction_id>}``: ``"<timestamp> NUL E NUL E ..."``, the entities a transaction
+  names, so that a label by transaction_id finds them (about 150 bytes per transaction, kept
+  for the retention in wall-clock time: labels later than that are ``unknown``).
 
-The label script derives the entity keys from the transaction's hash, so the store needs a
-single Redis node (Memorystore standard tier), not Redis Cluster.
+A label is two round trips: read the index, then a script per entity that records the label
+for that entity once (its outcome is the same for every entity that holds the transaction).
+
+`REDIS_URL` may name any node of a cluster: the store asks the node (``INFO cluster``) and
+speaks the cluster protocol when cluster mode is enabled.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.cluster
 import redis.connection
 import redis.exceptions
 
@@ -71,6 +83,7 @@ end
 _OBSERVE = (
     _LIB
     + r"""
+-- One entity: KEYS = history, fraud set, id hash.
 local ts = tonumber(ARGV[1])
 local txid = ARGV[2]
 local member = ARGV[3]
@@ -78,142 +91,133 @@ local lateness = tonumber(ARGV[4])
 local keep = tonumber(ARGV[5])
 local lookback = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
-local ents = ARGV[8]
-local nwin = tonumber(ARGV[9])
+local nwin = tonumber(ARGV[8])
 local windows = {}
-for w = 1, nwin do windows[w] = tonumber(ARGV[9 + w]) end
-local nent = (#KEYS - 2) / 2
+for w = 1, nwin do windows[w] = tonumber(ARGV[8 + w]) end
+local hkey, fkey, ikey = KEYS[1], KEYS[2], KEYS[3]
 
 local status = 'new'
-local wm = redis.call('GET', KEYS[2])
-if wm then wm = tonumber(wm) else wm = nil end
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local top = redis.call('ZRANGE', hkey, -1, -1, 'WITHSCORES')
+local newest = nil
+if top[2] then newest = tonumber(top[2]) end
+if redis.call('HEXISTS', ikey, txid) == 1 then
   status = 'dup'
-elseif wm and ts < wm - lateness then
+elseif newest and ts < newest - lateness then
   status = 'late'
 end
 
 local out = {status}
 local oldest = ts - windows[nwin]
-for e = 1, nent do
-  local hkey, fkey = KEYS[1 + 2 * e], KEYS[2 + 2 * e]
-  local rows = redis.call('ZRANGEBYSCORE', hkey, '(' .. fmt(oldest), fmt(ts), 'WITHSCORES')
-  local frauds = {}
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', fkey, '(' .. fmt(oldest), fmt(ts))) do
-    frauds[id] = true
+local rows = redis.call('ZRANGEBYSCORE', hkey, '(' .. fmt(oldest), fmt(ts), 'WITHSCORES')
+local frauds = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', fkey, '(' .. fmt(oldest), fmt(ts))) do
+  frauds[id] = true
+end
+-- Each prior row falls in one band (the smallest window holding it); windows are sums of
+-- bands. A value is in window w when its newest occurrence is.
+local cut, bc, bt, bh, bf = {}, {}, {}, {}, {}
+for w = 1, nwin do
+  cut[w] = ts - windows[w]
+  bc[w] = 0; bt[w] = 0; bh[w] = 0; bf[w] = 0
+end
+local seen = {{}, {}, {}}
+local last = nil
+for i = 1, #rows, 2 do
+  local id, micro, amount, a1, a2, a3 = string.match(rows[i], ROW)
+  local s = tonumber(rows[i + 1])
+  if id ~= txid and (s < ts or bytes_lt(id, txid)) then
+    last = s
+    local w = 1
+    while s <= cut[w] do w = w + 1 end
+    bc[w] = bc[w] + 1
+    bt[w] = bt[w] + tonumber(micro)
+    amount = tonumber(amount)
+    if amount > bh[w] then bh[w] = amount end
+    if frauds[id] then bf[w] = bf[w] + 1 end
+    if a1 ~= '' then seen[1][a1] = s end
+    if a2 ~= '' then seen[2][a2] = s end
+    if a3 ~= '' then seen[3][a3] = s end
   end
-  -- Each prior row falls in one band (the smallest window holding it); windows are sums of
-  -- bands. A value is in window w when its newest occurrence is.
-  local cut, bc, bt, bh, bf = {}, {}, {}, {}, {}
-  for w = 1, nwin do
-    cut[w] = ts - windows[w]
-    bc[w] = 0; bt[w] = 0; bh[w] = 0; bf[w] = 0
-  end
-  local newest = {{}, {}, {}}
-  local last = nil
-  for i = 1, #rows, 2 do
-    local id, micro, amount, a1, a2, a3 = string.match(rows[i], ROW)
-    local s = tonumber(rows[i + 1])
-    if id ~= txid and (s < ts or bytes_lt(id, txid)) then
-      last = s
-      local w = 1
-      while s <= cut[w] do w = w + 1 end
-      bc[w] = bc[w] + 1
-      bt[w] = bt[w] + tonumber(micro)
-      amount = tonumber(amount)
-      if amount > bh[w] then bh[w] = amount end
-      if frauds[id] then bf[w] = bf[w] + 1 end
-      if a1 ~= '' then newest[1][a1] = s end
-      if a2 ~= '' then newest[2][a2] = s end
-      if a3 ~= '' then newest[3][a3] = s end
+end
+local nd = {}
+for w = 1, nwin do nd[w] = {0, 0, 0} end
+for a = 1, 3 do
+  for _, s in pairs(seen[a]) do
+    for w = 1, nwin do
+      if s > cut[w] then nd[w][a] = nd[w][a] + 1 end
     end
   end
-  local nd = {}
-  for w = 1, nwin do nd[w] = {0, 0, 0} end
-  for a = 1, 3 do
-    for _, s in pairs(newest[a]) do
-      for w = 1, nwin do
-        if s > cut[w] then nd[w][a] = nd[w][a] + 1 end
-      end
-    end
+end
+local c, t, h, f = 0, 0, 0, 0
+for w = 1, nwin do
+  c = c + bc[w]; t = t + bt[w]; f = f + bf[w]
+  if bh[w] > h then h = bh[w] end
+  out[#out + 1] = string.format('%d', c)
+  out[#out + 1] = string.format('%d', t)
+  out[#out + 1] = fmt(h)
+  out[#out + 1] = string.format('%d', f)
+  out[#out + 1] = string.format('%d', nd[w][1])
+  out[#out + 1] = string.format('%d', nd[w][2])
+  out[#out + 1] = string.format('%d', nd[w][3])
+end
+if last == nil and lookback > windows[nwin] then
+  local older = redis.call('ZREVRANGEBYSCORE', hkey, fmt(oldest), '(' .. fmt(ts - lookback),
+    'WITHSCORES', 'LIMIT', 0, 2)
+  for i = 1, #older, 2 do
+    if last == nil and split(older[i])[1] ~= txid then last = tonumber(older[i + 1]) end
   end
-  local cnt, tot, hi, fc = {}, {}, {}, {}
-  local c, t, h, f = 0, 0, 0, 0
-  for w = 1, nwin do
-    c = c + bc[w]; t = t + bt[w]; f = f + bf[w]
-    if bh[w] > h then h = bh[w] end
-    cnt[w] = c; tot[w] = t; hi[w] = h; fc[w] = f
-  end
-  if last == nil and lookback > windows[nwin] then
-    local older = redis.call('ZREVRANGEBYSCORE', hkey, fmt(oldest), '(' .. fmt(ts - lookback),
-      'WITHSCORES', 'LIMIT', 0, 2)
-    for i = 1, #older, 2 do
-      if last == nil and split(older[i])[1] ~= txid then last = tonumber(older[i + 1]) end
-    end
-  end
-  for w = 1, nwin do
-    out[#out + 1] = string.format('%d', cnt[w])
-    out[#out + 1] = string.format('%d', tot[w])
-    out[#out + 1] = fmt(hi[w])
-    out[#out + 1] = string.format('%d', fc[w])
-    out[#out + 1] = string.format('%d', nd[w][1])
-    out[#out + 1] = string.format('%d', nd[w][2])
-    out[#out + 1] = string.format('%d', nd[w][3])
-  end
-  if last ~= nil and last > ts - lookback then
-    out[#out + 1] = fmt(ts - last)
-  else
-    out[#out + 1] = ''
-  end
+end
+if last ~= nil and last > ts - lookback then
+  out[#out + 1] = fmt(ts - last)
+else
+  out[#out + 1] = ''
 end
 
 if status == 'new' then
-  redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'label', '', 'ents', ents)
-  redis.call('EXPIRE', KEYS[1], ttl)
-  if wm == nil or ts > wm then
-    wm = ts
-    redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
-  else
-    redis.call('EXPIRE', KEYS[2], ttl)
-  end
-  local cutoff = fmt(wm - keep)
-  for e = 1, nent do
-    local hkey, fkey = KEYS[1 + 2 * e], KEYS[2 + 2 * e]
-    redis.call('ZADD', hkey, ARGV[1], member)
+  redis.call('ZADD', hkey, ARGV[1], member)
+  redis.call('HSET', ikey, txid, ARGV[1] .. ' ')
+  if newest == nil or ts > newest then newest = ts end
+  local cutoff = fmt(newest - keep)
+  local gone = redis.call('ZRANGEBYSCORE', hkey, '-inf', cutoff)
+  if #gone > 0 then
+    local ids = {}
+    for k, m in ipairs(gone) do
+      ids[#ids + 1] = string.sub(m, 1, string.find(m, '\0', 1, true) - 1)
+      if #ids == 500 or k == #gone then
+        redis.call('HDEL', ikey, unpack(ids))
+        ids = {}
+      end
+    end
     redis.call('ZREMRANGEBYSCORE', hkey, '-inf', cutoff)
-    redis.call('EXPIRE', hkey, ttl)
     redis.call('ZREMRANGEBYSCORE', fkey, '-inf', cutoff)
-    redis.call('EXPIRE', fkey, ttl)
   end
+  redis.call('EXPIRE', hkey, ttl)
+  redis.call('EXPIRE', ikey, ttl)
+  redis.call('EXPIRE', fkey, ttl)
 end
--- One bulk string: parsing one reply item is much cheaper for the client than ninety.
+-- One bulk string: parsing one reply item is much cheaper for the client than thirty.
 return table.concat(out, ' ')
 """
 )
 
 _LABEL = r"""
-local data = redis.call('HMGET', KEYS[1], 'ts', 'label', 'ents')
-if not data[1] then return 'unknown' end
-local new, old = ARGV[1], data[2]
-if old == new then return 'duplicate' end
-local outcome = 'changed'
-if old == '' then outcome = 'applied' end
-redis.call('HSET', KEYS[1], 'label', new)
-local prefix, txid, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local ents = data[3]
-local start = 1
-while start <= #ents do
-  local j = string.find(ents, '\0', start, true) or (#ents + 1)
-  local fkey = prefix .. 'f:' .. string.sub(ents, start, j - 1)
-  if new == '1' then
-    redis.call('ZADD', fkey, data[1], txid)
-    redis.call('EXPIRE', fkey, ttl)
-  else
-    redis.call('ZREM', fkey, txid)
-  end
-  start = j + 1
+-- One entity: KEYS = fraud set, id hash. Records the label once for this entity.
+local held = redis.call('HGET', KEYS[2], ARGV[2])
+if not held then return 'unknown' end
+local space = string.find(held, ' ', 1, true)
+local ts, old = string.sub(held, 1, space - 1), string.sub(held, space + 1)
+local new, txid = ARGV[1], ARGV[2]
+-- Applied even to a duplicate: a label cut short between entities completes on redelivery.
+if new == '1' then
+  redis.call('ZADD', KEYS[1], ts, txid)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+else
+  redis.call('ZREM', KEYS[1], txid)
 end
-return outcome
+if old == new then return 'duplicate' end
+redis.call('HSET', KEYS[2], txid, ts .. ' ' .. new)
+if old == '' then return 'applied' end
+return 'changed'
 """
 
 
@@ -233,11 +237,14 @@ def _attr(value: str | None) -> str:
     return "" if value is None else "+" + value
 
 
-class RedisStore:
-    """State in Redis: many function instances share it.
+_Call = tuple[list[list[str]], list[tuple[str, str]], list[str]]
 
-    The client connects on first use (safe to build before a fork); each call is one
-    round trip running a Lua script.
+
+class RedisStore:
+    """State in Redis or Valkey, single node or cluster: many function instances share it.
+
+    The client connects on first use (safe to build before a fork) and then knows whether
+    the server is a cluster; each observe is one pipeline of per-entity scripts.
     """
 
     def __init__(
@@ -251,6 +258,11 @@ class RedisStore:
     ) -> None:
         self.config = config
         self.url = url
+        if "{" in prefix or "}" in prefix:
+            raise StateConfigError(
+                f"prefix: must not contain braces (they choose the hash slot), got {prefix!r}",
+                setting="prefix",
+            )
         self.prefix = prefix
         self._connect_timeout = connect_timeout
         self._timeout = timeout
@@ -260,20 +272,26 @@ class RedisStore:
             raise StateConfigError(
                 f"REDIS_URL: {error}: {redact(url)}", setting="REDIS_URL"
             ) from None
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis | redis.cluster.RedisCluster | None = None
         self._observe: Any = None
         self._label: Any = None
         windows = config.windows
-        self._window_args = [str(len(windows)), *(str(w) for w in windows)]
         self._fixed = [
             repr(float(config.allowed_lateness)),
             repr(float(config.keep)),
             repr(float(config.keep - config.allowed_lateness)),
             str(math.ceil(config.keep)),
+            str(len(windows)),
+            *(str(w) for w in windows),
         ]
-        self._ttl = str(math.ceil(config.keep))
+        self._ttl = math.ceil(config.keep)
         self._builder = base.FeatureBuilder(windows)
         self._nwin = len(windows)
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the server is a cluster (connects to find out)."""
+        return isinstance(self._guard("connect", self._connect), redis.cluster.RedisCluster)
 
     def check(self) -> None:
         """Reach the server once (PING), as a function does at start-up.
@@ -283,27 +301,60 @@ class RedisStore:
         """
         try:
             self._connect().ping()
-        except redis.exceptions.RedisError as error:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as error:
             raise StoreUnavailable(
                 f"REDIS_URL: cannot reach {redact(self.url)}: {error}", resource=redact(self.url)
             ) from error
 
-    def _connect(self) -> redis.Redis:
+    def _connect(self) -> redis.Redis | redis.cluster.RedisCluster:
         if self._client is None:
-            client = redis.Redis.from_url(
+            client: redis.Redis | redis.cluster.RedisCluster = redis.Redis.from_url(
                 self.url,
                 socket_connect_timeout=self._connect_timeout,
                 socket_timeout=self._timeout,
             )
+            try:
+                enabled = client.info("cluster").get("cluster_enabled") == 1
+            except redis.exceptions.ResponseError:  # a server without the section
+                enabled = False
+            if enabled:
+                client.close()
+                client = redis.cluster.RedisCluster.from_url(
+                    self.url,
+                    socket_connect_timeout=self._connect_timeout,
+                    socket_timeout=self._timeout,
+                )
             self._observe = client.register_script(_OBSERVE)
             self._label = client.register_script(_LABEL)
+            if enabled:
+                self._load_scripts(client)
             self._client = client
         return self._client
 
-    def _run(self, script_name: str, keys: list[str], args: list[str]) -> Any:
-        self._connect()
-        script = self._observe if script_name == "observe" else self._label
-        return self._guard(script_name, lambda: script(keys=keys, args=args))
+    def _load_scripts(self, client: redis.Redis | redis.cluster.RedisCluster) -> None:
+        """Load the scripts on every primary: a cluster pipeline only sends EVALSHA."""
+        for script in (self._observe, self._label):
+            script.sha = client.script_load(script.script)
+
+    def _pipeline(self, what: str, queue: Callable[[Any], None]) -> list[Any]:
+        """Queue commands on a pipeline and run it: one round trip per node."""
+        client = self._guard(what, self._connect)
+
+        def run() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                # A node restarted or failed over: load again and run again (every script
+                # is idempotent per entity, so what did run is not counted twice).
+                self._load_scripts(client)
+                pipe = client.pipeline(transaction=False)
+                queue(pipe)
+                return list(pipe.execute())
+
+        result: list[Any] = self._guard(what, run)
+        return result
 
     def _guard(self, what: str, call: Callable[[], Any]) -> Any:
         """Run one round trip; Redis errors become the store's transient errors."""
@@ -314,49 +365,65 @@ class RedisStore:
             raise StoreUnavailable(
                 f"redis at {redact(self.url)} unreachable: {error}", resource=redact(self.url)
             ) from error
-        except redis.exceptions.RedisError as error:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as error:
             log.error("redis at %s: %s failed: %s", redact(self.url), what, error)
             raise TransientError(
                 f"redis at {redact(self.url)}: {what} failed: {error}",
                 resource=redact(self.url),
             ) from error
 
+    def _entity(self, kind: str, ident: str) -> str:
+        """The common start of an entity's keys: prefix and hash tag."""
+        return f"{self.prefix}{{{kind}:{ident}}}:"
+
+    def _index(self, transaction_id: str) -> str:
+        return f"{self.prefix}{{t:{transaction_id}}}"
+
     def observe(self, event: Event, needed: frozenset[str] | None = None) -> Features:
-        """See `detector.state.base.StateStore.observe`."""
-        keys, args, pairs = self._observe_call(event)
-        return self._features(self._run("observe", keys, args), event, pairs, needed)
+        """See `detector.state.base.StateStore.observe`: one pipeline."""
+        return self.observe_many([event], needed)[0]
 
     def observe_many(
         self, events: Sequence[Event], needed: frozenset[str] | None = None
     ) -> list[Features]:
-        """See `detector.state.base.StateStore.observe_many`: one pipelined round trip.
+        """See `detector.state.base.StateStore.observe_many`: one pipeline for the batch.
 
-        The scripts run in order, each atomic; a failure of the connection records nothing
-        that the redelivered batch would count twice (each transaction counts once).
+        The scripts of one entity run in order, each atomic; a failure of the connection
+        records nothing that the redelivered batch would count twice (each transaction
+        counts once per entity).
         """
         if not events:
             return []
-        self._connect()
-        assert self._client is not None
         calls = [self._observe_call(event) for event in events]
-        pipe = self._client.pipeline(transaction=False)
-        for keys, args, _ in calls:
-            self._observe(keys=keys, args=args, client=pipe)
-        replies = self._guard("observe", pipe.execute)
-        return [
-            self._features(reply, event, pairs, needed)
-            for reply, event, (_, _, pairs) in zip(replies, events, calls, strict=True)
-        ]
 
-    def _observe_call(self, event: Event) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-        """Keys and arguments of the observe script for one event, and its entities."""
+        def queue(pipe: Any) -> None:
+            for event, (entity_keys, _, args) in zip(events, calls, strict=True):
+                pipe.set(self._index(event.transaction_id), args[0] + "\0" + args[-1])
+                pipe.expire(self._index(event.transaction_id), self._ttl)
+                for keys in entity_keys:
+                    self._observe(keys=keys, args=args[1:-1], client=pipe)
+
+        replies = iter(self._pipeline("observe", queue))
+        out = []
+        for event, (entity_keys, pairs, _) in zip(events, calls, strict=True):
+            next(replies)  # the index's SET
+            next(replies)  # and EXPIRE
+            entity_replies = [next(replies) for _ in entity_keys]
+            out.append(self._features(entity_replies, event, pairs, needed))
+        return out
+
+    def _observe_call(self, event: Event) -> _Call:
+        """Keys of each entity, its entities and the script's arguments for one event.
+
+        The arguments are framed by the timestamp and the index's entity list, which the
+        index write uses and the script does not.
+        """
         txid = event.transaction_id
         pairs = base.entities_of(event)
-        prefix = self.prefix
-        keys = [f"{prefix}t:{txid}", f"{prefix}wm"]
+        entity_keys = []
         for kind, ident in pairs:
-            keys.append(f"{prefix}h:{kind}:{ident}")
-            keys.append(f"{prefix}f:{kind}:{ident}")
+            start = self._entity(kind, ident)
+            entity_keys.append([start + "h", start + "f", start + "i"])
         stamp = repr(float(event.timestamp))
         member = "\0".join(
             (
@@ -369,55 +436,88 @@ class RedisStore:
             )
         )
         ents = "\0".join(f"{kind}:{ident}" for kind, ident in pairs)
-        return keys, [stamp, txid, member, *self._fixed, ents, *self._window_args], pairs
+        return entity_keys, pairs, [stamp, stamp, txid, member, *self._fixed, ents]
 
     def _features(
         self,
-        reply: bytes,
+        replies: list[bytes],
         event: Event,
         pairs: list[tuple[str, str]],
         needed: frozenset[str] | None,
     ) -> Features:
-        """The observe script's reply as each entity's features."""
+        """The entity scripts' replies as each entity's features."""
         txid = event.transaction_id
-        fields = reply.split(b" ")
-        status = fields[0].decode()
-        if status == "dup":
-            log.info("transaction %s already recorded: scored, not counted again", txid)
-        elif status == "late":
-            log.warning(
-                "transaction %s is more than %.0f s behind the newest: scored, not recorded",
-                txid,
-                self.config.allowed_lateness,
-            )
         features: Features = {}
-        at = 1
+        duplicate: list[str] = []
         nwin = self._nwin
-        for kind, _ in pairs:
+        for reply, (kind, _) in zip(replies, pairs, strict=True):
+            fields = reply.split(b" ")
+            status = fields[0]
+            if status == b"dup":
+                duplicate.append(kind)
+            elif status == b"late":
+                log.warning(
+                    "transaction %s is more than %.0f s behind the newest of its %s: "
+                    "scored, not recorded for it",
+                    txid,
+                    self.config.allowed_lateness,
+                    kind,
+                )
             raws: list[base.Raw] = []
+            at = 1
             for _w in range(nwin):
                 c, s, h, f, t, m, n = fields[at : at + 7]
                 raws.append((int(c), int(s), float(h), int(f), int(t), int(m), int(n)))
                 at += 7
             gap = float(fields[at]) if fields[at] else None
-            at += 1
             features[kind] = base.select(self._builder.build(kind, event.amount, raws, gap), needed)
+        if duplicate:
+            log.info(
+                "transaction %s already recorded for %s: scored, not counted again",
+                txid,
+                ", ".join(duplicate),
+            )
         return features
 
     def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
-        """See `detector.state.StateStore.record_label`."""
-        reply = self._run(
-            "label",
-            [f"{self.prefix}t:{transaction_id}"],
-            ["1" if is_fraud else "0", self.prefix, transaction_id, self._ttl],
-        )
-        outcome = LabelOutcome(reply.decode())
-        log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
+        """See `detector.state.StateStore.record_label`: the index, then each entity."""
+        client = self._guard("label", self._connect)
+        index = self._guard("label", lambda: client.get(self._index(transaction_id)))
+        outcomes: set[str] = set()
+        if index is not None:
+            entities = [start.decode().partition(":") for start in index.split(b"\0")[1:]]
+            args = ["1" if is_fraud else "0", transaction_id, str(self._ttl)]
+
+            def queue(pipe: Any) -> None:
+                for kind, _, ident in entities:
+                    start = self._entity(kind, ident)
+                    self._label(keys=[start + "f", start + "i"], args=args, client=pipe)
+
+            outcomes = {reply.decode() for reply in self._pipeline("label", queue)}
+        outcomes.discard("unknown")
+        if not outcomes:
+            outcome = LabelOutcome.UNKNOWN
+        elif outcomes == {"duplicate"}:
+            outcome = LabelOutcome.DUPLICATE
+        elif "changed" in outcomes:
+            outcome = LabelOutcome.CHANGED
+        else:
+            outcome = LabelOutcome.APPLIED
+        if outcome is LabelOutcome.UNKNOWN:
+            log.warning(
+                "label %s for %s: %s (never recorded, or older than the retention of each "
+                "of its entities): not counted",
+                is_fraud,
+                transaction_id,
+                outcome,
+            )
+        else:
+            log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
         return outcome
 
     def drop(self) -> None:
-        """Delete every key under this store's prefix (a replay's own state, when done)."""
-        client = self._connect()
+        """Delete every key under this store's prefix, on every node (a replay's own state)."""
+        client = self._guard("drop", self._connect)
 
         def unlink_all() -> None:
             batch: list[bytes] = []
@@ -435,7 +535,7 @@ class RedisStore:
         """Nothing to prepare: the script computes what each call's `needed` asks."""
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connections."""
         if self._client is not None:
             self._client.close()
             self._client = None

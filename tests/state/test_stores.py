@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis
+import redis.cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.crc import key_slot
 
 from detector.errors import StateConfigError, StoreUnavailable, TransientError
 from detector.state import (
@@ -28,7 +30,7 @@ from detector.state import (
     open_store,
     window_name,
 )
-from detector.state.base import micros
+from detector.state.base import entities_of, micros
 from detector.state.memory import SWEEP_SLICE
 from detector.state.redis_store import RedisStore, redact
 from detector.vocabulary import parse_duration
@@ -56,7 +58,11 @@ def test_the_c_histories_are_used_where_built() -> None:
     assert not MemoryStore(native=False).native
 
 
-@pytest.fixture(params=["memory-c", "memory-python", "redis"])
+#: The fixture of each Redis store's server.
+REDIS_SERVERS = {"redis": "redis_url", "redis-cluster": "redis_cluster_url"}
+
+
+@pytest.fixture(params=["memory-c", "memory-python", *REDIS_SERVERS])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Factory]:
     """Builds stores of one kind; Redis stores get a fresh key prefix each."""
     opened: list[StateStore] = []
@@ -68,7 +74,7 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[Factory]:
         if request.param.startswith("memory"):
             store = MemoryStore(config, native=request.param == "memory-c")
         else:
-            url = request.getfixturevalue("redis_url")
+            url = request.getfixturevalue(REDIS_SERVERS[request.param])
             store = RedisStore(config, url, prefix=unique("test") + ":")
         opened.append(store)
         return store
@@ -238,7 +244,7 @@ def test_redelivery_logs_that_it_was_not_counted(
     store.observe(ev("a", 1000))
     with caplog.at_level(logging.INFO):
         store.observe(ev("a", 1000))
-    assert "transaction a already recorded: scored, not counted again" in caplog.text
+    assert "transaction a already recorded for customer: scored, not counted again" in caplog.text
 
 
 def test_too_late_is_scored_but_not_recorded(
@@ -336,52 +342,112 @@ def test_exact_amount_sums_do_not_drift(make_store: Factory) -> None:
     assert got["mean_10s"] == 0.9 / 9
 
 
+def test_lateness_is_per_entity(make_store: Factory) -> None:
+    """A timestamp far ahead moves the clock of the entities it names only: a transaction
+    too late for that card is still recorded for its customer, and other entities go on."""
+    store = make_store(SMALL)
+    store.observe(ev("a", 1000, 1, card="k1"))
+    store.observe(ev("future", 1_000_000, 2, customer="c9", card="k1"))
+    store.observe(ev("b", 1001, 4, card="k1"))  # too late for k1 only
+    got = store.observe(ev("c", 1002, 8, card="k1", terminal="t1"))
+    assert got["customer"]["count_10s"] == 2.0  # a and b
+    assert got["card"]["count_10s"] == 0.0  # k1 is at 1,000,000 now
+    assert store.record_label("b", True) is LabelOutcome.APPLIED  # c1 holds it
+    assert store.observe(ev("d", 1003, 1))["customer"]["fraud_count_10s"] == 1.0
+    for i in range(30):  # nobody else's transactions are late
+        got = store.observe(ev(f"e{i}", 1010 + i, 1, customer="c2", terminal="t1"))
+    assert got["terminal"]["count_100s"] == 30.0
+
+
+def test_an_entity_holds_an_id_for_the_retention_after_it_by_its_own_clock(
+    make_store: Factory,
+) -> None:
+    """Redelivery and labels go by each entity's own newest, not by other entities' time:
+    an entity counts a transaction once until its own newest is the retention after it."""
+    config = StateConfig(windows=(100,), allowed_lateness=10)  # retention 110 s
+    store = make_store(config)
+    store.observe(ev("x", 0.0, 5.0, customer="a"))
+    store.observe(ev("y", 500.0, 1.0, customer="b"))  # b far ahead: a still holds x
+    assert store.record_label("x", True) is LabelOutcome.APPLIED
+    first = store.observe(ev("z", 50.0, 1.0, customer="a"))["customer"]
+    store.observe(ev("x", 0.0, 5.0, customer="a"))  # redelivered: not counted again
+    later = store.observe(ev("w", 51.0, 1.0, customer="a"))["customer"]
+    assert (first["count_100s"], first["fraud_count_100s"]) == (1.0, 1.0)
+    assert (later["count_100s"], later["fraud_count_100s"]) == (2.0, 1.0)
+    store.observe(ev("v", 110.0, 1.0, customer="a"))  # a's newest: x is past its retention
+    assert store.record_label("x", False) is LabelOutcome.UNKNOWN
+
+
 # --- property: every store agrees with a brute-force model ---------------------------------
+
+
+Entity = tuple[str, str]
 
 
 @dataclass
 class Oracle:
-    """The specification, by brute force over everything recorded."""
+    """The specification, by brute force over everything each entity recorded."""
 
     config: StateConfig
-    recorded: dict[str, Event] = field(default_factory=dict)
+    recorded: dict[Entity, dict[str, Event]] = field(default_factory=dict)
+    newest: dict[Entity, float] = field(default_factory=dict)
     labels: dict[str, bool] = field(default_factory=dict)
-    watermark: float = -math.inf
+    latest: float = -math.inf  # the newest timestamp recorded by any entity
+    # Entities a store may have forgotten as idle (their newest more than the retention
+    # behind the latest): their features are no longer predicted.
+    idle: set[Entity] = field(default_factory=set)
 
-    def observe(self, event: Event) -> dict[str, dict[str, float]] | None:
-        """Expected features, or None where the store may have forgotten history."""
-        lateness = self.config.allowed_lateness
-        exact = event.timestamp >= self.watermark - lateness
-        features = {
-            kind: self.features(kind, event)
-            for kind in ("customer", "card", "terminal", "merchant")
-            if getattr(event, kind) is not None
-        }
-        if event.transaction_id not in self.recorded and exact:
-            self.recorded[event.transaction_id] = event
-            self.watermark = max(self.watermark, event.timestamp)
-        return features if exact else None
+    def _age(self, entity: Entity) -> None:
+        if self.newest.get(entity, math.inf) <= self.latest - self.config.keep:
+            self.idle.add(entity)
+
+    def _holds(self, entity: Entity, txid: str) -> bool:
+        held = self.recorded.get(entity, {}).get(txid)
+        return held is not None and held.timestamp > self.newest[entity] - self.config.keep
+
+    def observe(self, event: Event) -> dict[str, dict[str, float]]:
+        """Expected features of the entities whose features are predicted: those not idle
+        and for which the event is not too late (its windows may reach forgotten state)."""
+        expected = {}
+        record = []
+        for kind, ident in entities_of(event):
+            entity = (kind, ident)
+            self._age(entity)
+            newest = self.newest.get(entity)
+            late = newest is not None and event.timestamp < newest - self.config.allowed_lateness
+            if late:
+                continue
+            if entity not in self.idle:
+                expected[kind] = self.features(entity, event)
+            if not self._holds(entity, event.transaction_id):
+                record.append(entity)
+        for entity in record:
+            self.recorded.setdefault(entity, {})[event.transaction_id] = event
+            self.newest[entity] = max(self.newest.get(entity, -math.inf), event.timestamp)
+            self.latest = max(self.latest, event.timestamp)
+        return expected
 
     def label(self, txid: str, is_fraud: bool) -> set[str]:
-        """Acceptable outcomes: a store may forget transactions older than its retention."""
-        if txid not in self.recorded:
+        """Acceptable outcomes: a store may forget idle entities."""
+        holders = [entity for entity in self.recorded if self._holds(entity, txid)]
+        if not holders:
             return {"unknown"}
+        for entity in holders:
+            self._age(entity)
         old = self.labels.get(txid)
         self.labels[txid] = is_fraud
         outcome = "applied" if old is None else "duplicate" if old == is_fraud else "changed"
-        if self.recorded[txid].timestamp <= self.watermark - self.config.keep:
+        if all(entity in self.idle for entity in holders):
             return {outcome, "unknown"}
         return {outcome}
 
-    def features(self, kind: str, event: Event) -> dict[str, float]:
-        ident = getattr(event, kind)
+    def features(self, entity: Entity, event: Event) -> dict[str, float]:
+        kind = entity[0]
         key = (event.timestamp, event.transaction_id)
         prior = [
             p
-            for p in self.recorded.values()
-            if getattr(p, kind) == ident
-            and (p.timestamp, p.transaction_id) < key
-            and p.transaction_id != event.transaction_id
+            for p in self.recorded.get(entity, {}).values()
+            if (p.timestamp, p.transaction_id) < key and p.transaction_id != event.transaction_id
         ]
         out: dict[str, float] = {}
         for window in self.config.windows:
@@ -426,13 +492,11 @@ def run_against_oracle(
             assert isinstance(step, Event)
             got = store.observe(step, needed)
             expected = oracle.observe(step)
-            if expected is not None:
+            assert set(expected) <= set(got), step
+            for entity, values in expected.items():
                 if needed is not None:
-                    expected = {
-                        kind: {name: v for name, v in values.items() if name in needed}
-                        for kind, values in expected.items()
-                    }
-                assert got == expected, step
+                    values = {name: v for name, v in values.items() if name in needed}
+                assert got[entity] == values, (step, entity)
 
 
 @pytest.mark.parametrize("native", NATIVE)
@@ -465,11 +529,9 @@ def test_memory_store_stays_exact_when_callers_ask_for_new_features(
         assert isinstance(step, Event)
         needed = data.draw(st.sampled_from(asks))
         got = store.observe(step, needed)
-        expected = oracle.observe(step)
-        if expected is not None:
-            assert got == {
-                entity: {k: v for k, v in values.items() if needed is None or k in needed}
-                for entity, values in expected.items()
+        for entity, values in oracle.observe(step).items():
+            assert got[entity] == {
+                k: v for k, v in values.items() if needed is None or k in needed
             }, (step, needed)
 
 
@@ -557,46 +619,75 @@ def test_a_c_history_refuses_what_it_cannot_hold_and_never_disagrees_with_itself
     assert (got["count_30s"], got["max_30s"], got["distinct_countries_30s"]) == (1.0, 1.0, 1.0)
 
 
+@pytest.fixture(params=list(REDIS_SERVERS))
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """URL of a single redis-server, then of a node of a three-master cluster."""
+    url: str = request.getfixturevalue(REDIS_SERVERS[request.param])
+    return url
+
+
 @pytest.mark.integration
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(steps=streams())
 def test_redis_store_matches_the_specification(
-    redis_url: str, steps: list[tuple[str, object]]
+    any_redis_url: str, steps: list[tuple[str, object]]
 ) -> None:
-    """Random streams with jitter, ties, redeliveries and labels: Redis store == model."""
-    store = RedisStore(PROPERTY_CONFIG, redis_url, prefix=unique("prop") + ":")
+    """Random streams with jitter, ties, redeliveries and labels: Redis store == model,
+    on one node and on a cluster."""
+    store = RedisStore(PROPERTY_CONFIG, any_redis_url, prefix=unique("prop") + ":")
     try:
         run_against_oracle(store, steps)
     finally:
         store.close()
 
 
+@pytest.mark.integration
+def test_a_cluster_node_url_gets_a_cluster_client_and_entities_spread_over_nodes(
+    redis_cluster_url: str, redis_url: str
+) -> None:
+    """REDIS_URL naming one node of a cluster works: the store sees cluster mode, and its
+    keys land on every node, each entity's keys on one; a single server is no cluster."""
+    prefix = unique("spread") + ":"
+    store = RedisStore(SMALL, redis_cluster_url, prefix=prefix)
+    assert store.cluster and not RedisStore(SMALL, redis_url).cluster
+    for i in range(30):
+        store.observe(ev(f"x{i}", 1000 + i, customer=f"c{i}", card=f"k{i % 3}"))
+    assert store.record_label("x7", True) is LabelOutcome.APPLIED
+    got = store.observe(ev("y", 1040, customer="c7", card="k1"))
+    assert got["customer"]["fraud_count_100s"] == 1.0
+    assert got["card"]["count_100s"] == 10.0
+    cluster = redis.cluster.RedisCluster.from_url(redis_cluster_url)
+    nodes = {}
+    for node in cluster.get_primaries():
+        keys = cluster.scan_iter(match=prefix + "*", target_nodes=node)
+        nodes[node.name] = {key.split(b"}")[0] for key in keys}
+    assert all(nodes.values())  # every node holds some
+    tags = [tag for held in nodes.values() for tag in held]
+    assert len(tags) == len(set(tags))  # and no entity is split
+    store.drop()
+    assert not list(cluster.scan_iter(match=prefix + "*"))
+    cluster.close()
+    store.close()
+
+
 # --- memory bounds, Redis specifics -------------------------------------------------------
 
 
-def test_an_id_older_than_the_retention_is_unknown_before_any_pass_forgets_it() -> None:
-    """Redelivery and labels go by event time, not by when forgetting last ran: an id
-    recorded more than the retention ago is recorded afresh (its old label gone), and the
-    old record's id queue entry does not drop the new record when the pass comes."""
-    config = StateConfig(windows=(100,), allowed_lateness=10)  # retention 110 s
-    store = MemoryStore(config)
-    store.observe(ev("x", 0.0, 5.0, customer="a"))
-    assert store.record_label("x", True) is LabelOutcome.APPLIED
-    for step in range(5):  # the first forgetting pass (started at 0) runs to its end
-        store.observe(ev(f"v{step}", 30.0 + step, 1.0, customer="c"))
-    store.observe(ev("y", 111.0, 1.0, customer="b"))  # watermark 111: x is past the retention
-    assert "x" in store._txs  # the pass started at 111 has not reached the ids yet
-    assert store.record_label("x", False) is LabelOutcome.UNKNOWN
-    again = store.observe(ev("x", 105.0, 7.0, customer="b"))  # recorded, not a redelivery
-    assert again["customer"]["count_100s"] == 0.0
-    later = store.observe(ev("z", 112.0, 1.0, customer="b"))
-    assert later["customer"]["count_100s"] == 2.0  # y and the new x
-    assert later["customer"]["fraud_count_100s"] == 0.0  # the old label went with the old x
-    for step in range(300):  # passes run: the stale queue entry of x goes, the new x stays
-        store.observe(ev(f"w{step}", 113.0 + step / 10, 1.0, customer="c"))
-    assert store.record_label("x", True) is LabelOutcome.APPLIED
+def test_a_timestamp_far_ahead_does_not_make_the_memory_store_forget() -> None:
+    """Forgetting idle entities goes by the median time of the latest transactions: one
+    transaction dated far ahead neither forgets the others' history nor stops forgetting."""
+    store = MemoryStore(StateConfig(windows=(100,), allowed_lateness=10))
+    seen: list[float] = []
+    for i in range(2_000):
+        if i == 300:
+            store.observe(ev("future", 1e9, 1.0, customer="elsewhere"))
+        got = store.observe(ev(f"t{i}", float(i), 1.0, customer=f"c{i % 3}"))["customer"]
+        if i % 3 == 0:
+            assert got["count_100s"] == sum(1 for when in seen if when > i - 100), i
+            seen.append(float(i))
+    assert len(store) <= 110 + 60 + 64 + 1  # retention, a pass, the clock's lag, the future
 
 
 def test_memory_store_forgets_beyond_retention() -> None:
@@ -605,9 +696,10 @@ def test_memory_store_forgets_beyond_retention() -> None:
     store = MemoryStore(config)
     for i in range(20_000):
         store.observe(ev(f"t{i}", float(i), 1.0, customer=f"c{i % 5000}", terminal=f"t{i % 7}"))
-    # Forgetting runs every max(retention / 8, 60 s) of event time: at most 110 + 60 s kept.
-    assert 110 <= len(store) <= 171
-    assert store.entity_count <= 7 + 171
+    # Forgetting runs every max(retention / 8, 60 s) of event time, by a clock 32 s behind
+    # (the median of the latest 63 transactions): at most 110 + 60 + 32 s kept.
+    assert 110 <= len(store) <= 203
+    assert store.entity_count <= 7 + 203
     got = store.observe(ev("last", 20_000.0, 1.0, customer="c0", terminal="t0"))
     assert got["terminal"]["count_100s"] == 15.0  # i % 7 == 0 in (19900, 20000)
 
@@ -627,10 +719,10 @@ def test_memory_store_forgets_in_slices_and_stays_exact() -> None:
             expected = sum(1 for when, _ in recent if when > ts - 100)
             assert got["terminal"]["count_100s"] == float(expected), i
             recent.append((ts, terminal))
-    # 110 s of retention and a pass every 60 s, at 10 transactions a second, plus the slices
-    # of a pass still under way.
-    assert 1_100 <= len(store) <= 1_700 + 2 * SWEEP_SLICE
-    assert store.entity_count <= 7 + 1_700 + 2 * SWEEP_SLICE
+    # 110 s of retention and a pass every 60 s, at 10 transactions a second, plus the clock's
+    # lag (32 transactions) and the slices of a pass still under way.
+    assert 1_100 <= len(store) <= 1_732 + 2 * SWEEP_SLICE
+    assert store.entity_count <= 7 + 1_732 + 2 * SWEEP_SLICE
 
 
 @pytest.mark.integration
@@ -643,8 +735,16 @@ def test_redis_keys_expire(redis_url: str) -> None:
     store.record_label("a", True)
     client = redis.Redis.from_url(redis_url)
     keys = client.keys(prefix + "*")
-    assert len(keys) == 6  # tx, watermark, 2 histories, 2 fraud sets
+    # The label index, and for customer and terminal: history, ids, fraud set.
+    assert len(keys) == 7
     assert all(0 < client.ttl(key) <= 110 for key in keys)
+    slots: dict[bytes, set[int]] = {}
+    for key in keys:
+        slots.setdefault(key.split(b"}")[0], set()).add(key_slot(key))
+    assert sorted(slots) == [
+        prefix.encode() + tag for tag in (b"{customer:c1", b"{t:a", b"{terminal:t1")
+    ]
+    assert all(len(one) == 1 for one in slots.values())  # each entity's keys in one slot
     client.close()
     store.close()
 
@@ -754,7 +854,7 @@ def test_observe_many_is_observe_one_by_one(make_store: Factory) -> None:
         ev("b", 101, 7.0, card="k1", terminal="t2"),
         ev("a", 100, 5.0, card="k1", terminal="t1"),  # redelivered within the batch
         ev("c", 130, 1.0, card="k2", terminal="t1"),
-        ev("d", 90, 2.0, card="k1", terminal="t1"),  # late, within the lateness
+        ev("d", 90, 2.0, card="k1", terminal="t1"),  # late for the customer (at 130), not k1
         ev("e", 20, 3.0, card="k1"),  # too late: scored, not recorded
         ev("f", 131, 4.0, card="k1", terminal="t2", country="FR"),
     ]
@@ -764,4 +864,5 @@ def test_observe_many_is_observe_one_by_one(make_store: Factory) -> None:
     assert got == expected
     assert got[1]["card"]["count_10s"] == 1.0  # b sees a
     assert got[2] == got[0]  # the redelivery is scored like the first delivery
-    assert got[-1]["card"]["count_100s"] == 2.0  # f sees a and b; d and e came too late
+    assert got[-1]["card"]["count_100s"] == 3.0  # f sees a, b and d; e came too late
+    assert got[-1]["customer"]["count_100s"] == 3.0  # a, b and c: d came too late for c1
