@@ -28,7 +28,15 @@ from detector.functions.settings import Settings
 from detector.functions.sinks import VerdictSink
 from detector.transaction import decode, rfc3339
 
-__all__ = ["Message", "Service", "error_body", "label_model", "parse_envelope"]
+__all__ = [
+    "Message",
+    "Service",
+    "dead_letter_attributes",
+    "error_body",
+    "label_model",
+    "parse_envelope",
+    "verdict_attributes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +174,10 @@ class Service:
                 default_time=message.publish_time or now,
                 decided_at=now,
             )
-            attributes = verdict.attributes()
-            if message.publish_time is not None:
-                attributes["source_publish_time"] = rfc3339(message.publish_time)
             self.sink.publish(
-                self.settings.topic_path(self.settings.results_topic), verdict.encode(), attributes
+                self.settings.topic_path(self.settings.results_topic),
+                verdict.encode(),
+                verdict_attributes(verdict, message.publish_time),
             )
         except TransientError as error:
             log.error(
@@ -254,16 +261,10 @@ class Service:
         Args:
             topic: the dead-letter topic; the transactions' (DEAD_LETTER_TOPIC) by default.
         """
-        attributes = dict(message.attributes)
-        attributes.update(
-            error_type=error.error_type,
-            error=_clip(str(error)),
-            message_id=message.message_id or "",
-        )
         self.sink.publish(
             self.settings.topic_path(topic or self.settings.dead_letter_topic),
             message.data,
-            attributes,
+            dead_letter_attributes(message, error),
         )
         log.warning(
             "dead-lettered message %s: %s",
@@ -292,3 +293,34 @@ class Service:
                     }
                 },
             )
+
+
+# --------------------------------------------------------------------------------------------
+# What a verdict and a dead letter carry, apart from publishing them: the functions publish one
+# at a time through a `VerdictSink`, the streaming-pull worker (detector/worker/) in batches.
+
+
+def verdict_attributes(verdict: Verdict, publish_time: datetime | None) -> dict[str, str]:
+    """A verdict message's attributes: `Verdict.attributes` plus ``source_publish_time``.
+
+    Args:
+        publish_time: when the transaction's message was published, if known.
+    """
+    attributes = verdict.attributes()
+    if publish_time is not None:
+        attributes["source_publish_time"] = rfc3339(publish_time)
+    return attributes
+
+
+def dead_letter_attributes(message: Message, error: MessageError) -> dict[str, str]:
+    """A dead letter's attributes: the message's own plus ``error_type``, ``error``, ``message_id``.
+
+    ``error`` is clipped to Pub/Sub's limit of 1024 bytes per attribute value.
+    """
+    attributes = dict(message.attributes)
+    attributes.update(
+        error_type=error.error_type,
+        error=_clip(str(error)),
+        message_id=message.message_id or "",
+    )
+    return attributes
