@@ -1,10 +1,14 @@
-"""`python -m detector`: offline tools around the detection core.
+"""`python -m detector`: the streaming-pull worker and the tools around the detection core.
 
     schemas   write (or --check) the schema files in schemas/
     rules     check a rules file against the variables the detector provides
+    worker    decide transactions from a pull subscription (detector/worker/)
     replay    backtest: run the detector over a file of transactions (detector/offline/)
     train     train the risk model from a file of transactions (detector/offline/)
     redrive   republish dead letters to the topic they came from (detector/redrive.py)
+
+`replay` and `train` exist where detector/offline/ is installed; the worker's image leaves
+it out.
 
 User mistakes end as one line `error: ...` and exit status 2, never a traceback.
 """
@@ -19,8 +23,8 @@ from pathlib import Path
 from detector import schemas
 from detector.config import DetectorConfig, load_risk_model, load_rules, state_config
 from detector.errors import DetectorError
-from detector.offline.commands import add_replay, add_train
 from detector.redrive import add_redrive
+from detector.worker.command import add_worker
 
 __all__ = ["main"]
 
@@ -60,14 +64,21 @@ def _add_rules(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(run=_rules)
 
 
+AddCommand = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
 #: Functions that add one subcommand each; the subcommand sets `run` on its namespace.
-COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    _add_schemas,
-    _add_rules,
-    add_replay,
-    add_train,
-    add_redrive,
-]
+COMMANDS: list[AddCommand] = [_add_schemas, _add_rules, add_redrive, add_worker]
+
+
+def _offline_commands() -> list[AddCommand]:
+    """`replay` and `train`, where detector/offline/ is installed."""
+    try:
+        from detector.offline.commands import add_replay, add_train
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("detector.offline"):
+            raise
+        return []
+    return [add_replay, add_train]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m detector" if called in ("__main__.py", "-c", "") else called
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
+    for add in (*COMMANDS, *_offline_commands()):
         add(commands)
     args = parser.parse_args(argv)
     try:

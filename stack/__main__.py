@@ -31,7 +31,14 @@ import orjson
 from publisher.cli import parse_delay, positive_float, positive_int
 from publisher.errors import PublisherError
 from stack import console, demo, report_html
-from stack.services import ROOT, function_server, pubsub_emulator, redis_server, store_binary
+from stack.services import (
+    ROOT,
+    function_server,
+    pubsub_emulator,
+    redis_server,
+    store_binary,
+    worker_process,
+)
 
 PROJECT = "local-fraud"
 SUBSCRIPTION = "fraud-verdicts-watch"
@@ -61,8 +68,12 @@ def _say(text: str) -> None:
 
 
 @contextlib.contextmanager
-def running(workdir: Path, threads: int | None = None) -> Iterator[Stack]:
-    """Start the emulator, redis-server, the functions, and provision Pub/Sub."""
+def running(workdir: Path, threads: int | None = None, worker: bool = False) -> Iterator[Stack]:
+    """Start the emulator, redis-server, the functions, and provision Pub/Sub.
+
+    With `worker`, the streaming-pull worker decides transactions and records labels instead
+    of detect_fraud and record_feedback (the URLs are then its /healthz).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         _say("starting the Pub/Sub emulator")
@@ -82,40 +93,57 @@ def running(workdir: Path, threads: int | None = None) -> Iterator[Stack]:
             env["REDIS_URL"] = redis_url
         if threads:
             env["THREADS"] = str(threads)
-        _say("starting detect_fraud, record_feedback and score_transaction")
-        detect = stack.enter_context(function_server("detect_fraud", "cloudevent", env, workdir))
-        feedback = stack.enter_context(
-            function_server("record_feedback", "cloudevent", env, workdir)
-        )
+        if worker:
+            _say("starting score_transaction; the worker decides and records labels")
+            delivery = ["--worker"]
+        else:
+            _say("starting detect_fraud, record_feedback and score_transaction")
+            detect = stack.enter_context(
+                function_server("detect_fraud", "cloudevent", env, workdir)
+            )
+            feedback = stack.enter_context(
+                function_server("record_feedback", "cloudevent", env, workdir)
+            )
+            delivery = ["--push-endpoint", detect, "--feedback-push-endpoint", feedback]
         http = stack.enter_context(function_server("score_transaction", "http", env, workdir))
         _say("provisioning topics and subscriptions with deploy.sh --emulator")
         subprocess.run(
-            [
-                str(ROOT / "deploy.sh"),
-                "--emulator",
-                emulator,
-                "--project",
-                PROJECT,
-                "--push-endpoint",
-                detect,
-                "--feedback-push-endpoint",
-                feedback,
-            ],
+            [str(ROOT / "deploy.sh"), "--emulator", emulator, "--project", PROJECT, *delivery],
             check=True,
             stdout=(workdir / "provision.log").open("w"),
             stderr=subprocess.STDOUT,
         )
+        if worker:
+            _say("starting the worker on fraud-worker and fraud-worker-feedback")
+            pulling = stack.enter_context(
+                worker_process(
+                    [
+                        "--subscription",
+                        "fraud-worker",
+                        "--feedback-subscription",
+                        "fraud-worker-feedback",
+                    ],
+                    env,
+                    workdir,
+                )
+            )
+            detect = feedback = pulling.health_url
         yield Stack(emulator, redis_url, detect, feedback, http, workdir)
         _say("stopping")
 
 
 def _up(args: argparse.Namespace) -> int:
-    with running(args.workdir, args.threads) as stack:
+    with running(args.workdir, args.threads, args.worker) as stack:
+        deciders = (
+            f"worker             {stack.detect_url}  (pulls fraud-worker, fraud-worker-feedback)"
+            if args.worker
+            else f"detect_fraud       {stack.detect_url}  (push from topic transactions)\n"
+            f"record_feedback    {stack.feedback_url}  (push from topic fraud-feedback)"
+        )
         print(
             f"""
 Pub/Sub emulator   export PUBSUB_EMULATOR_HOST={stack.emulator} GOOGLE_CLOUD_PROJECT={PROJECT}
-detect_fraud       {stack.detect_url}  (push from topic transactions)
-record_feedback    {stack.feedback_url}  (push from topic fraud-feedback)
+{deciders}
 score_transaction  curl -s {stack.http_url} -H 'content-type: application/json' \\
                      -d '{{"amount": 1200, "merchant": "XYZ Corp", "customer_id": "12345"}}'
 verdicts           python -m publisher watch --subscription {SUBSCRIPTION}
@@ -201,7 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, help="functions-framework threads per function")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="start everything and wait for Ctrl-C").set_defaults(run=_up)
+    up = commands.add_parser("up", help="start everything and wait for Ctrl-C")
+    up.add_argument(
+        "--worker",
+        action="store_true",
+        help="the streaming-pull worker instead of detect_fraud and record_feedback",
+    )
+    up.set_defaults(run=_up)
     demo_parser = commands.add_parser(
         "demo",
         help="stream simulated transactions through and report",

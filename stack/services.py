@@ -1,4 +1,4 @@
-"""Real services for tests and the local stack: the Pub/Sub emulator, redis-server, functions-framework.
+"""Real services for tests and the local stack: the Pub/Sub emulator, redis-server, functions-framework, the worker.
 
 Each starts in its own process group on a port picked here and is stopped by killing that
 group, so no Java or gunicorn child outlives the test run.
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -343,3 +343,54 @@ def function_server(
         yield url
     finally:
         process.stop()
+
+
+@dataclass
+class Worker:
+    """A running `python -m detector worker`: its process and its health URL."""
+
+    process: Process
+    health_url: str
+
+    def healthy(self) -> int:
+        """The status of GET /healthz (0 when it does not answer)."""
+        try:
+            return requests.get(self.health_url, timeout=2).status_code
+        except requests.RequestException:
+            return 0
+
+
+def start_worker(
+    args: Sequence[str], env: Mapping[str, str], workdir: Path, timeout: float = 60.0
+) -> Worker:
+    """Start `python -m detector worker ARGS` with PORT set; return once /healthz says 200.
+
+    Raises:
+        RuntimeError: the worker exited or did not become healthy in time (with its log).
+    """
+    port = free_port()
+    process = start(
+        [sys.executable, "-m", "detector", "worker", *args],
+        workdir / f"worker-{port}.log",
+        env={**os.environ, **env, "PORT": str(port)},
+    )
+    worker = Worker(process, f"http://127.0.0.1:{port}/healthz")
+    deadline = time.monotonic() + timeout
+    while worker.healthy() != 200:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"the worker exited early:\n{process.output()}")
+        if time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(f"the worker was not healthy in {timeout} s:\n{process.output()}")
+        time.sleep(0.1)
+    return worker
+
+
+@contextlib.contextmanager
+def worker_process(args: Sequence[str], env: Mapping[str, str], workdir: Path) -> Iterator[Worker]:
+    """Run the streaming-pull worker (`start_worker`) until the block ends, then SIGTERM it."""
+    worker = start_worker(args, env, workdir)
+    try:
+        yield worker
+    finally:
+        worker.process.stop()

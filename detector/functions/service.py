@@ -42,6 +42,7 @@ __all__ = [
     "label_model",
     "parse_envelope",
     "topic_of_source",
+    "verdict_attributes",
 ]
 
 log = logging.getLogger(__name__)
@@ -282,11 +283,10 @@ class Service:
                 default_time=message.publish_time or now,
                 decided_at=now,
             )
-            attributes = verdict.attributes()
-            if message.publish_time is not None:
-                attributes["source_publish_time"] = rfc3339(message.publish_time)
             self.sink.publish(
-                self.settings.topic_path(self.settings.results_topic), verdict.encode(), attributes
+                self.settings.topic_path(self.settings.results_topic),
+                verdict.encode(),
+                verdict_attributes(verdict, message.publish_time),
             )
         except TransientError as error:
             self._transient(message, error, self.settings.dead_letter_topic)
@@ -413,11 +413,10 @@ class Service:
         Raises:
             PublishFailed: the dead letter was not published; the message must be redelivered.
         """
-        attributes = dead_letter_attributes(message, error)
         self.sink.publish(
             self.settings.topic_path(topic or self.settings.dead_letter_topic),
             message.data,
-            attributes,
+            dead_letter_attributes(message, error),
         )
         log.warning(
             "dead-lettered message %s: %s",
@@ -446,3 +445,21 @@ class Service:
                     }
                 },
             )
+
+
+# --------------------------------------------------------------------------------------------
+# What a verdict carries, apart from publishing it (`dead_letter_attributes` above says what a
+# dead letter carries): the functions publish one at a time through a `VerdictSink`, the
+# streaming-pull worker (detector/worker/) in batches.
+
+
+def verdict_attributes(verdict: Verdict, publish_time: datetime | None) -> dict[str, str]:
+    """A verdict message's attributes: `Verdict.attributes` plus ``source_publish_time``.
+
+    Args:
+        publish_time: when the transaction's message was published, if known.
+    """
+    attributes = verdict.attributes()
+    if publish_time is not None:
+        attributes["source_publish_time"] = rfc3339(publish_time)
+    return attributes

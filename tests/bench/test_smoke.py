@@ -127,6 +127,15 @@ def _embedded_store(out: str, _: Path) -> None:
     assert 0 < float(row.group(1)) < 5000
 
 
+def _worker(out: str, _: Path) -> None:
+    assert "- command: `.venv/bin/python bench/bench_worker.py --quick`" in out
+    [row] = [line for line in out.splitlines() if line.startswith("| memory |")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert float(cells[1].replace(",", "")) > 0 and float(cells[2].replace(",", "")) > 0
+    assert cells[-1] == "0 / 0 / 0 of 20"  # nothing lost, duplicated or counted twice
+    assert "Targets (ratios within one run" in out
+
+
 integration = pytest.mark.integration
 
 #: (script, extra arguments, marks, check). "{redis}" and "{out}" are filled in per run.
@@ -141,6 +150,7 @@ CASES: list[tuple[str, tuple[str, ...], tuple[pytest.MarkDecorator, ...], Check]
     ("bench_pauses.py", (), (), _pauses),
     ("bench_publisher.py", ("--json",), (integration,), _publisher),
     ("bench_replay.py", (), (), _replay),
+    ("bench_worker.py", (), (integration,), _worker),
     (
         "bench_state.py",
         ("--days", "4", "--redis-url", "{redis}", "--redis-days", "1"),
