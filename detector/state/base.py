@@ -58,6 +58,7 @@ Errors: `StateConfigError` for bad windows, lateness or retention (stops start-u
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -79,6 +80,7 @@ __all__ = [
     "StateStore",
     "entities_of",
     "feature_names",
+    "log_label",
     "micros",
     "select",
     "window_name",
@@ -376,3 +378,19 @@ def select(features: dict[str, float], needed: frozenset[str] | None) -> dict[st
     if needed is None:
         return features
     return {name: value for name, value in features.items() if name in needed}
+
+
+def log_label(
+    log: logging.Logger, transaction_id: str, is_fraud: bool, outcome: LabelOutcome
+) -> None:
+    """Say what a store did with a label: INFO, or WARNING when it could not count."""
+    if outcome is LabelOutcome.UNKNOWN:
+        log.warning(
+            "label %s for %s: %s (never recorded, or older than the retention of each "
+            "of its entities): not counted",
+            is_fraud,
+            transaction_id,
+            outcome,
+        )
+    else:
+        log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)

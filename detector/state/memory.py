@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
+from detector.state import base
 from detector.state.base import (
     DISTINCT,
     DISTINCT_FEATURE,
@@ -867,16 +868,7 @@ class MemoryStore:
             if delta:
                 for history in holders:
                     history.add_fraud(known[0][_TS], transaction_id, delta)
-        if outcome is LabelOutcome.UNKNOWN:
-            log.warning(
-                "label %s for %s: %s (never recorded, or older than the retention of each "
-                "of its entities): not counted",
-                is_fraud,
-                transaction_id,
-                outcome,
-            )
-        else:
-            log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
+        base.log_label(log, transaction_id, is_fraud, outcome)
         return outcome
 
     def check(self) -> None:

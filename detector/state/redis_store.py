@@ -503,16 +503,7 @@ class RedisStore:
             outcome = LabelOutcome.CHANGED
         else:
             outcome = LabelOutcome.APPLIED
-        if outcome is LabelOutcome.UNKNOWN:
-            log.warning(
-                "label %s for %s: %s (never recorded, or older than the retention of each "
-                "of its entities): not counted",
-                is_fraud,
-                transaction_id,
-                outcome,
-            )
-        else:
-            log.info("label %s for %s: %s", is_fraud, transaction_id, outcome)
+        base.log_label(log, transaction_id, is_fraud, outcome)
         return outcome
 
     def drop(self) -> None:
