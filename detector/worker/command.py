@@ -2,7 +2,7 @@
 
     python -m detector worker --subscription NAME [--feedback-subscription NAME] \\
         [--batch-size N] [--batch-wait DURATION] [--max-messages N] [--max-bytes N] \\
-        [--log-interval DURATION] [--drain-timeout DURATION]
+        [--log-interval DURATION] [--drain-timeout DURATION] [--lease DURATION]
 
 The environment is the functions' (`detector.functions.Settings`): GOOGLE_CLOUD_PROJECT,
 PUBSUB_EMULATOR_HOST, RESULTS_TOPIC, DEAD_LETTER_TOPIC, FEEDBACK_DEAD_LETTER_TOPIC, RULES_FILE,
@@ -50,6 +50,7 @@ def options_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Worker
         max_bytes=args.max_bytes,
         log_interval=parse_duration(args.log_interval, setting="--log-interval"),
         drain_timeout=parse_duration(args.drain_timeout, setting="--drain-timeout"),
+        lease=parse_duration(args.lease, setting="--lease"),
         port=port,
     )
 
@@ -117,5 +118,11 @@ def add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--drain-timeout",
         default=f"{_DEFAULTS.drain_timeout:g}s",
         help="on SIGTERM, time to finish what is held before exiting (default %(default)s)",
+    )
+    parser.add_argument(
+        "--lease",
+        default=f"{_DEFAULTS.lease:g}s",
+        help="ack deadline asked for and extended while a message is held; what a dead "
+        "worker held comes back after at most this long (10s..600s, default %(default)s)",
     )
     parser.set_defaults(run=_run)

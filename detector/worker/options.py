@@ -28,6 +28,9 @@ class WorkerOptions:
         log_interval: seconds between two progress lines.
         drain_timeout: seconds a SIGTERM leaves to finish what is held before exiting
             (platforms kill after 10 s).
+        lease: seconds of each ack-deadline extension (10..600). Messages held by a worker
+            that dies come back to the others after at most this long; held messages are
+            extended while the worker lives, so a short lease only costs more extensions.
         port: serve GET /healthz on this port (PORT); None for no server.
     """
 
@@ -39,6 +42,7 @@ class WorkerOptions:
     max_bytes: int = 100 * 1024 * 1024
     log_interval: float = 60.0
     drain_timeout: float = 8.0
+    lease: float = 60.0
     port: int | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +62,8 @@ class WorkerOptions:
             problems.append(f"--log-interval: must be > 0 s, got {self.log_interval:g}")
         if not 0 < self.drain_timeout <= 60:
             problems.append(f"--drain-timeout: must be in (0, 60] s, got {self.drain_timeout:g}")
+        if not 10 <= self.lease <= 600:
+            problems.append(f"--lease: must be in 10..600 s, got {self.lease:g}")
         if self.port is not None and not 0 <= self.port <= 65535:
             problems.append(f"PORT: must be a TCP port (0..65535), got {self.port}")
         if problems:

@@ -156,8 +156,12 @@ class Worker:
         health = (
             HealthServer(self.options.port, self.health) if self.options.port is not None else None
         )
+        # The lease is also the stream's ack deadline: how long what a dead worker held
+        # stays invisible to the others.
         flow = pubsub_v1.types.FlowControl(
-            max_messages=self.options.max_messages, max_bytes=self.options.max_bytes
+            max_messages=self.options.max_messages,
+            max_bytes=self.options.max_bytes,
+            max_duration_per_lease_extension=int(self.options.lease),
         )
         wake = lambda _future: stop.set()  # noqa: E731 - a stream that ends stops the worker
         threads = [

@@ -412,14 +412,16 @@ def test_sigkill_mid_batch_then_restart_loses_nothing_and_counts_once(
         stream = [transaction(f"{run}-{i}", customers[i % 10], stamp(i)) for i in range(500)]
         ids = {orjson.loads(data)["transaction_id"] for data in stream}
         wiring.send_many(stream)
-        first = wiring.start("--batch-size", "10", "--max-messages", "1000")
+        # A 10 s lease: the emulator may route what comes back to the dead stream again, and
+        # each such round costs a lease (300 s were seen for all to return at the default 60 s).
+        first = wiring.start("--batch-size", "10", "--max-messages", "1000", "--lease", "10s")
         seen = wiring.verdicts_until(50)
         first.process.popen.send_signal(signal.SIGKILL)
         first.process.popen.wait(10)
         assert len(seen) < len(ids), "the stream ended before SIGKILL"
 
-        second = wiring.start()
-        # Unacked messages come back after their ack deadline (up to the stream's 60 s).
+        second = wiring.start("--lease", "10s")
+        # Unacked messages come back after the dead stream's lease.
         for tid, got in collect(wiring.subscriber, wiring.results, ids - seen.keys(), 150).items():
             seen[tid] += got
         assert seen.keys() == ids

@@ -39,9 +39,10 @@ def test_bad_subscription_names_are_config_errors(name: str, project: str, messa
 def test_out_of_range_flags_are_all_reported_at_once() -> None:
     """Every problem in one error, each naming its flag and the limit."""
     with pytest.raises(ConfigError) as caught:
-        WorkerOptions(subscription="s", batch_size=2000, max_messages=10, drain_timeout=0)
+        WorkerOptions(subscription="s", batch_size=2000, max_messages=10, drain_timeout=0, lease=5)
     assert str(caught.value) == (
         "--batch-size: must be in 1..1000, got 2000; "
         "--max-messages: must be >= --batch-size (2000), got 10; "
-        "--drain-timeout: must be in (0, 60] s, got 0"
+        "--drain-timeout: must be in (0, 60] s, got 0; "
+        "--lease: must be in 10..600 s, got 5"
     )
