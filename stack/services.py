@@ -129,9 +129,14 @@ def wait_http(url: str, process: Process, timeout: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def pubsub_emulator(workdir: Path) -> Iterator[str]:
-    """Run the Pub/Sub emulator; yields its HOST:PORT."""
-    port = free_port()
+def pubsub_emulator(workdir: Path, port: int | None = None) -> Iterator[str]:
+    """Run the Pub/Sub emulator; yields its HOST:PORT.
+
+    Args:
+        port: where to listen (default: a free port); an emulator started again on its old
+            port is found by the clients that were using it.
+    """
+    port = port or free_port()
     host = f"127.0.0.1:{port}"
     process = start(
         [emulator_binary(), "--host=127.0.0.1", f"--port={port}", f"--data-dir={workdir}"],
@@ -309,16 +314,25 @@ def _wait_port(port: int, process: Process, name: str) -> None:
         time.sleep(0.05)
 
 
-@contextlib.contextmanager
-def function_server(
+def start_function(
     target: str,
     signature: str,
     env: Mapping[str, str],
     workdir: Path,
     source: Path = ROOT / "detector" / "main.py",
-) -> Iterator[str]:
-    """Serve one function of detector/main.py with functions-framework; yields its base URL."""
-    port = free_port()
+    port: int | None = None,
+) -> Process:
+    """Start functions-framework serving one function of detector/main.py; return once it
+    answers HTTP on http://127.0.0.1:PORT.
+
+    Args:
+        port: where to listen (default: a free port); a function started again takes its old
+            one, which a push subscription's endpoint names.
+
+    Raises:
+        RuntimeError: it exited or did not answer in time (with its log).
+    """
+    port = port or free_port()
     binary = Path(sys.executable).parent / "functions-framework"
     process = start(
         [
@@ -337,10 +351,24 @@ def function_server(
         workdir / f"{target}-{port}.log",
         env={**os.environ, **env},
     )
-    url = f"http://127.0.0.1:{port}"
+    wait_http(f"http://127.0.0.1:{port}/", process, timeout=60)
+    return process
+
+
+@contextlib.contextmanager
+def function_server(
+    target: str,
+    signature: str,
+    env: Mapping[str, str],
+    workdir: Path,
+    source: Path = ROOT / "detector" / "main.py",
+    port: int | None = None,
+) -> Iterator[str]:
+    """Serve one function of detector/main.py (`start_function`); yields its base URL."""
+    port = port or free_port()
+    process = start_function(target, signature, env, workdir, source, port)
     try:
-        wait_http(url + "/", process, timeout=60)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.stop()
 
