@@ -24,17 +24,19 @@ __all__ = [
     "ENTITIES",
     "ENTITY_VARIABLES",
     "HOUR",
+    "MINUTE",
     "TRANSACTION_VARIABLES",
     "format_duration",
     "parse_duration",
     "variable_schema",
 ]
 
+MINUTE: Final = 60
 HOUR: Final = 3600
 DAY: Final = 86400
 
 #: Seconds per unit, largest first.
-DURATION_UNITS: Final = {"d": DAY, "h": HOUR, "m": 60, "s": 1}
+DURATION_UNITS: Final = {"d": DAY, "h": HOUR, "m": MINUTE, "s": 1}
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([dhms]?)")
 
