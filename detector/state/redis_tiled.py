@@ -1,0 +1,713 @@
+"""The tiled state store in Redis or Valkey: window features at a cost flat in history.
+
+`detector.state.redis_store` keeps each entity's transactions and scans them, so a busy
+merchant costs more with every transaction. This store implements the tiled definition of
+`detector.state.tiles` instead (checked against a brute-force reading of it): an
+entity keeps time tiles and, per window, running sums that a transaction moves by the tiles
+entering or leaving it. Everything else is `RedisStore`'s: one pipeline per batch, one script
+per entity and transaction on the node that holds the entity, the label index, timeouts
+and errors.
+
+Keys (``P`` is the prefix, ``E`` the entity's hash tag ``<kind>:<id>``), all in one slot
+per entity and expiring ``retention`` seconds of wall-clock time after their last write:
+
+- ``P{E}:t``: hash of the entity's windows.
+  ``m`` = newest timestamp, lowest and highest generation (below), then per window its
+  running sums: end tile, whether valid, count, sum, fraud, max, whether the max is still
+  valid, and the three distinct sums (doubles, `struct`-packed).
+  ``r`` = the `RING` greatest (timestamp, transaction_id), greatest first.
+  ``o<L>`` = the indexes of the tiles kept at level L (one level per tile width), sorted.
+  ``<L>:<i>`` = tile i of level L: count, sum, max, fraud, and the number of terminals,
+  merchants and countries whose newest tile it is.
+- ``P{E}:g<n>``: hash of generation n, the transactions and attribute values of event
+  times in [n*G, (n+1)*G) with G = retention + the widest tile: ``i<transaction_id>`` =
+  (timestamp, micros, label) for redelivery and labels, ``v<t|m|c><value>`` = the value's
+  newest tile per level. A generation is unlinked as soon as the entity's newest is past
+  its end by G, so ids and values cost memory for about two retentions, however busy.
+- ``P{t:<transaction_id>}``: the label index, as in `RedisStore`.
+
+A script reads the entity's hash once (meta, ring, tile lists, the tiles of its timestamp),
+its generation once (id, values), the tiles that enter or leave a window once, and writes
+each hash once; only a max whose tile left a window reads that window's tiles again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+import redis.cluster
+
+from detector.state import base
+from detector.state.base import DISTINCT, Event, Features, LabelOutcome, StateConfig
+from detector.state.redis_store import RedisStore
+from detector.state.tiles import RING, tile_width
+
+__all__ = ["RedisTiledStore"]
+
+log = logging.getLogger(__name__)
+
+# Shared by both scripts, after the configuration's constants (see `RedisTiledStore._header`):
+# meta, tiles, and the tiles' names.
+_LIB = r"""
+local TILE = '<ddddddd'
+local NEG = -math.huge
+local META = '<ddd' .. string.rep('dddddddddd', NWIN)
+local VALUES = '<' .. string.rep('d', NLEV)
+
+-- meta: newest, lowest and highest generation, then per window a cache
+-- {end tile, valid, count, sum, fraud, max, max valid, distinct 1..3}.
+local function read_meta(s)
+  local caches = {}
+  if not s then
+    for w = 1, NWIN do caches[w] = {0, 0, 0, 0, 0, NEG, 1, 0, 0, 0} end
+    return nil, nil, nil, caches
+  end
+  local m = {struct.unpack(META, s)}
+  for w = 1, NWIN do
+    local b = 3 + (w - 1) * 10
+    caches[w] = {m[b + 1], m[b + 2], m[b + 3], m[b + 4], m[b + 5], m[b + 6], m[b + 7],
+      m[b + 8], m[b + 9], m[b + 10]}
+  end
+  return m[1], m[2], m[3], caches
+end
+
+local function write_meta(newest, glo, ghi, caches)
+  local flat = {newest, glo, ghi}
+  for w = 1, NWIN do
+    local c, b = caches[w], 3 + (w - 1) * 10
+    for f = 1, 10 do flat[b + f] = c[f] end
+  end
+  return struct.pack(META, unpack(flat))
+end
+
+local function untile(s)
+  local c, t, h, f, d1, d2, d3 = struct.unpack(TILE, s)
+  return {c, t, h, f, d1, d2, d3}
+end
+
+local function pack_tile(t)
+  return struct.pack(TILE, t[1], t[2], t[3], t[4], t[5], t[6], t[7])
+end
+
+local function tile_name(L, i) return string.format('%d:%d', L, i) end
+
+-- Tiles of level L before this index are forgotten, for an entity whose newest is `newest`.
+local function forgotten(L, newest)
+  if newest == nil then return NEG end
+  return math.floor((newest - LKEEP[L]) / WIDTH[L])
+end
+"""
+
+_OBSERVE = r"""
+-- One entity. KEYS: its windows' hash, then its generations n-1, n, n+1 (n of the timestamp).
+-- ARGV: txid, timestamp, micros, amount, generation n, generation key base, the tile of the
+-- timestamp per level, the count of attributes, then per attribute (its slot 1..3, the field
+-- of its value).
+local main = KEYS[1]
+local txid, ts, micro, amount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
+  tonumber(ARGV[4])
+local gen, gbase = tonumber(ARGV[5]), ARGV[6]
+local kk = {}
+for L = 1, NLEV do kk[L] = tonumber(ARGV[6 + L]) end
+local at = 7 + NLEV
+local nattr = tonumber(ARGV[at])
+local slot, vfield = {}, {}
+for a = 1, nattr do
+  slot[a], vfield[a] = tonumber(ARGV[at + 2 * a - 1]), ARGV[at + 2 * a]
+end
+
+local fields = {'m', 'r'}
+for L = 1, NLEV do
+  fields[2 + L] = 'o' .. L
+  fields[2 + NLEV + L] = tile_name(L, kk[L])
+end
+local got = redis.call('HMGET', main, unpack(fields))
+local newest, glo, ghi, caches = read_meta(got[1])
+local ring = got[2] or ''
+local order, tiles, dirty = {}, {}, {}
+for L = 1, NLEV do
+  order[L] = got[2 + L] or ''
+  tiles[L] = {}
+  dirty[L] = {}
+  local s = got[2 + NLEV + L]
+  if s then tiles[L][kk[L]] = untile(s) else tiles[L][kk[L]] = false end
+end
+
+-- order[L]: the indexes of the kept tiles, ascending, 8 bytes each. Searches start from the
+-- newest end, where transactions mostly fall.
+local function at_(L, pos) return (struct.unpack('<d', order[L], pos * 8 - 7)) end
+local function above(L, x)  -- the first position holding a tile > x
+  local hi, step, lo = #order[L] / 8 + 1, 1, 1
+  while true do
+    local pos = hi - step
+    if pos < 1 then break end
+    if at_(L, pos) > x then
+      hi, step = pos, step * 2
+    else
+      lo = pos + 1
+      break
+    end
+  end
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if at_(L, mid) > x then hi = mid else lo = mid + 1 end
+  end
+  return lo
+end
+-- Tiles i with low < i <= high that may be kept: all of a short span, else those listed.
+local function span(L, low, high)
+  local out = {}
+  if high - low <= 8 then
+    for i = low + 1, high do out[#out + 1] = i end
+    return out
+  end
+  local first, last = above(L, low), above(L, high) - 1
+  if last < first then return out end
+  out = {struct.unpack('<' .. string.rep('d', last - first + 1), order[L], first * 8 - 7)}
+  out[#out] = nil
+  return out
+end
+
+local pending, pl, pi = {}, {}, {}
+local function want(L, list)
+  local known = tiles[L]
+  for _, i in ipairs(list) do
+    if known[i] == nil then
+      known[i] = false
+      local r = #pending + 1
+      pending[r], pl[r], pi[r] = tile_name(L, i), L, i
+    end
+  end
+end
+local function fetch()
+  if #pending == 0 then return end
+  local rows = redis.call('HMGET', main, unpack(pending))
+  for r = 1, #pending do
+    if rows[r] then tiles[pl[r]][pi[r]] = untile(rows[r]) end
+  end
+  pending, pl, pi = {}, {}, {}
+end
+
+-- Status: a held id is a redelivery; a timestamp too far behind the newest is late.
+local status = 'new'
+local late = newest ~= nil and ts < newest - LATENESS
+local gfields = {'i' .. txid}
+if not late then
+  for a = 1, nattr do gfields[1 + a] = vfield[a] end
+end
+local grow = redis.call('HMGET', KEYS[3], unpack(gfields))
+local held = nil
+if grow[1] and newest ~= nil then
+  local rts, rmicro, rlabel = struct.unpack('<ddd', grow[1])
+  if rts > newest - KEEP then held = {rts, rmicro, rlabel} end
+end
+if held then status = 'dup' elseif late then status = 'late' end
+
+-- Each attribute value's newest tile per level, from the generations that may hold it.
+local vrec = {}
+if status == 'new' and nattr > 0 then
+  for a = 1, nattr do
+    if grow[1 + a] then vrec[a] = {struct.unpack(VALUES, grow[1 + a])} end
+  end
+  if newest ~= nil then
+    for _, g in ipairs({{KEYS[2], gen - 1}, {KEYS[4], gen + 1}}) do
+      if g[2] >= glo and g[2] <= ghi then
+        local rows = redis.call('HMGET', g[1], unpack(vfield))
+        for a = 1, nattr do
+          if rows[a] then
+            local r = {struct.unpack(VALUES, rows[a])}
+            local v = vrec[a]
+            if v == nil then
+              vrec[a] = r
+            else
+              for L = 1, NLEV do if r[L] > v[L] then v[L] = r[L] end end
+            end
+          end
+        end
+      end
+    end
+  end
+end
+
+local F, Fn = {}, {}
+local next_newest = newest
+if status == 'new' and (newest == nil or ts > newest) then next_newest = ts end
+for L = 1, NLEV do
+  F[L] = forgotten(L, newest)
+  Fn[L] = forgotten(L, next_newest)
+end
+
+-- Plan every window's reads, and the tiles values leave, then read them at once.
+-- A window's sums are filled afresh, or moved: tiles `leave` and tiles `enter`. Tiles
+-- before F are gone already (a late transaction's window may reach them), and a
+-- late or redelivered transaction's moved sums are not saved.
+local mode, leave, enter, beyond = {}, {}, {}, {}
+for w = 1, NWIN do
+  local L, n, c = WL[w], WN[w], caches[w]
+  local k = kk[L]
+  if c[2] ~= 1 or math.abs(k - c[1]) >= n then
+    mode[w] = 'fill'
+    enter[w] = span(L, k - n, k)
+    if beyond[L] == nil then beyond[L] = span(L, k, math.huge) end
+    want(L, enter[w])
+    want(L, beyond[L])
+  else
+    mode[w] = 'move'
+    if k > c[1] then
+      leave[w], enter[w] = span(L, c[1] - n, k - n), span(L, c[1], k)
+    elseif k < c[1] then
+      leave[w], enter[w] = span(L, k, c[1]), span(L, k - n, c[1] - n)
+    else
+      leave[w], enter[w] = {}, {}
+    end
+    want(L, leave[w])
+    want(L, enter[w])
+  end
+end
+if status == 'new' then
+  for a = 1, nattr do
+    local v = vrec[a]
+    if v then
+      for L = 1, NLEV do
+        if kk[L] > v[L] and v[L] >= Fn[L] then want(L, {v[L]}) end
+      end
+    end
+  end
+end
+fetch()
+
+-- Add (sign 1) or take out (-1) tiles from a window's count, sum, fraud and max, and
+-- distinct sums when `distinct`.
+local function take(c, known, list, sign, distinct)
+  for _, i in ipairs(list) do
+    local t = known[i]
+    if t then
+      c[3] = c[3] + sign * t[1]
+      c[4] = c[4] + sign * t[2]
+      c[5] = c[5] + sign * t[4]
+      if sign > 0 then
+        if t[3] > c[6] then c[6] = t[3] end
+      elseif t[3] >= c[6] then
+        c[7] = 0
+      end
+      if distinct then
+        c[8] = c[8] + sign * t[5]
+        c[9] = c[9] + sign * t[6]
+        c[10] = c[10] + sign * t[7]
+      end
+    end
+  end
+end
+
+local stale = {}
+for w = 1, NWIN do
+  local L, n = WL[w], WN[w]
+  local k, known = kk[L], tiles[L]
+  local c = caches[w]
+  if mode[w] == 'move' then
+    if k > c[1] then
+      take(c, known, leave[w], -1, true)
+      take(c, known, enter[w], 1, false)
+    elseif k < c[1] then
+      take(c, known, leave[w], -1, false)
+      take(c, known, enter[w], 1, true)
+    end
+    c[1] = k
+    if c[7] == 0 then  -- the max left: read the window's tiles for it
+      stale[w] = span(L, k - n, k)
+      want(L, stale[w])
+    end
+  else
+    c = {k, 1, 0, 0, 0, NEG, 1, 0, 0, 0}
+    take(c, known, enter[w], 1, true)
+    for _, i in ipairs(beyond[L]) do
+      local t = known[i]
+      if t and i > k then
+        c[8] = c[8] + t[5]
+        c[9] = c[9] + t[6]
+        c[10] = c[10] + t[7]
+      end
+    end
+    caches[w] = c
+  end
+end
+if next(stale) ~= nil then
+  fetch()
+  for w, list in pairs(stale) do
+    local c, known = caches[w], tiles[WL[w]]
+    local high = NEG
+    for _, i in ipairs(list) do
+      local t = known[i]
+      if t and t[3] > high then high = t[3] end
+    end
+    c[6], c[7] = high, 1
+  end
+end
+
+local out = {status}
+for w = 1, NWIN do
+  local c = caches[w]
+  local count, total, fraud = c[3], c[4], c[5]
+  local L = WL[w]
+  if held and kk[L] >= F[L] then  -- a redelivery leaves its own amount out
+    count = count - 1
+    total = total - held[2]
+    if held[3] == 1 then fraud = fraud - 1 end
+  end
+  out[#out + 1] = string.format('%d %d %.17g %d %d %d %d', count, total, c[6], fraud, c[8],
+    c[9], c[10])
+end
+
+-- seconds_since_last, from the ring of the greatest (timestamp, id), greatest first.
+-- Ids compare by bytes, like Python's str order on UTF-8 (Lua's `<` follows the locale).
+local function bytes_lt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local pos, last = 1, nil
+while pos <= #ring do
+  local s, len = struct.unpack('<dH', ring, pos)
+  if s < ts or (s == ts and bytes_lt(string.sub(ring, pos + 10, pos + 9 + len), txid)) then
+    last = s
+    break
+  end
+  pos = pos + 10 + len
+end
+if last ~= nil and last > ts - LOOKBACK then
+  out[#out + 1] = string.format('%.17g', ts - last)
+else
+  out[#out + 1] = ''
+end
+
+if status == 'new' then
+  local gw = {'i' .. txid, struct.pack('<ddd', ts, micro, -1)}
+  -- Forget tiles behind each level's horizon, and the windows' sums that reach them.
+  local gone = {}
+  for L = 1, NLEV do
+    local cut = above(L, Fn[L] - 1) - 1
+    if cut > 0 then
+      for q = 1, cut do gone[#gone + 1] = tile_name(L, at_(L, q)) end
+      order[L] = string.sub(order[L], cut * 8 + 1)
+      dirty[L].order = true
+    end
+  end
+  for w = 1, NWIN do
+    local c = caches[w]
+    if c[2] == 1 and c[1] - WN[w] + 1 < Fn[WL[w]] then c[2] = 0 end
+  end
+  for L = 1, NLEV do
+    local j = kk[L]
+    local t = tiles[L][j]
+    if not t then
+      t = {0, 0, NEG, 0, 0, 0, 0}
+      tiles[L][j] = t
+      local q = above(L, j)
+      order[L] = string.sub(order[L], 1, q * 8 - 8) .. struct.pack('<d', j) ..
+        string.sub(order[L], q * 8 - 7)
+      dirty[L].order = true
+    end
+    t[1] = t[1] + 1
+    t[2] = t[2] + micro
+    if amount > t[3] then t[3] = amount end
+    dirty[L][j] = true
+  end
+  for w = 1, NWIN do
+    local c, j = caches[w], kk[WL[w]]
+    if c[2] == 1 and c[1] - WN[w] < j and j <= c[1] then
+      c[3] = c[3] + 1
+      c[4] = c[4] + micro
+      if amount > c[6] then c[6] = amount end
+    end
+  end
+  -- A value counts in its newest tile per level: move its count there.
+  for a = 1, nattr do
+    local v, s = vrec[a], slot[a]
+    local moved = false
+    local rec = {}
+    for L = 1, NLEV do
+      local j, o = kk[L], v and v[L]
+      if o == nil or j > o then
+        moved = true
+        rec[L] = j
+        local t = tiles[L][j]
+        t[4 + s] = t[4 + s] + 1
+        local old = nil
+        if o ~= nil and o >= Fn[L] and tiles[L][o] then
+          old = tiles[L][o]
+          old[4 + s] = old[4 + s] - 1
+          dirty[L][o] = true
+        end
+        for w = 1, NWIN do
+          local c = caches[w]
+          if WL[w] == L and c[2] == 1 then
+            local edge = c[1] - WN[w]
+            if j > edge then c[7 + s] = c[7 + s] + 1 end
+            if old and o > edge then c[7 + s] = c[7 + s] - 1 end
+          end
+        end
+      else
+        rec[L] = o
+      end
+    end
+    if moved then
+      gw[#gw + 1] = vfield[a]
+      gw[#gw + 1] = struct.pack(VALUES, unpack(rec))
+    end
+  end
+  -- The ring takes the transaction in its place and keeps the greatest.
+  ring = string.sub(ring, 1, pos - 1) .. struct.pack('<dH', ts, #txid) .. txid ..
+    string.sub(ring, pos)
+  local q, n = 1, 0
+  while q <= #ring and n < RING do
+    local _, len = struct.unpack('<dH', ring, q)
+    q = q + 10 + len
+    n = n + 1
+  end
+  ring = string.sub(ring, 1, q - 1)
+  -- Generations wholly behind the retention go at once (keys of this entity's slot).
+  if glo == nil or gen < glo then glo = gen end
+  if ghi == nil or gen > ghi then ghi = gen end
+  local dead = math.floor((next_newest - KEEP - WIDEST) / GSPAN) - 1
+  for g = glo, math.min(dead, ghi) do
+    redis.call('UNLINK', gbase .. string.format('%d', g))
+  end
+  if dead + 1 > glo then glo = dead + 1 end
+
+  local wr = {'m', write_meta(next_newest, glo, ghi, caches), 'r', ring}
+  for L = 1, NLEV do
+    for i, _ in pairs(dirty[L]) do
+      if i == 'order' then
+        wr[#wr + 1] = 'o' .. L
+        wr[#wr + 1] = order[L]
+      else
+        wr[#wr + 1] = tile_name(L, i)
+        wr[#wr + 1] = pack_tile(tiles[L][i])
+      end
+    end
+  end
+  if #gone > 0 then redis.call('HDEL', main, unpack(gone)) end
+  redis.call('HSET', main, unpack(wr))
+  redis.call('HSET', KEYS[3], unpack(gw))
+  redis.call('EXPIRE', main, TTL)
+  redis.call('EXPIRE', KEYS[3], TTL)
+end
+return table.concat(out, ' ')
+"""
+
+_LABEL = r"""
+-- One entity. KEYS: its windows' hash, the generation of the transaction's timestamp.
+-- ARGV: txid, label (1 or 0), the tile of the transaction's timestamp per level.
+-- Records the label once for this entity.
+local txid, label = ARGV[1], tonumber(ARGV[2])
+local field = 'i' .. txid
+local held = redis.call('HGET', KEYS[2], field)
+if not held then return 'unknown' end
+local ts, micro, old = struct.unpack('<ddd', held)
+local fields = {'m'}
+for L = 1, NLEV do fields[1 + L] = tile_name(L, tonumber(ARGV[2 + L])) end
+local got = redis.call('HMGET', KEYS[1], unpack(fields))
+local newest, glo, ghi, caches = read_meta(got[1])
+if newest == nil or not (ts > newest - KEEP) then return 'unknown' end
+if old == label then return 'duplicate' end
+local delta = (label == 1 and 1 or 0) - (old == 1 and 1 or 0)
+if delta ~= 0 then
+  local wr = {}
+  for L = 1, NLEV do
+    local k = tonumber(ARGV[2 + L])
+    if got[1 + L] and k >= forgotten(L, newest) then
+      local t = untile(got[1 + L])
+      t[4] = t[4] + delta
+      wr[#wr + 1] = fields[1 + L]
+      wr[#wr + 1] = pack_tile(t)
+      for w = 1, NWIN do
+        local c = caches[w]
+        if WL[w] == L and c[2] == 1 and c[1] - WN[w] < k and k <= c[1] then
+          c[5] = c[5] + delta
+        end
+      end
+    end
+  end
+  wr[#wr + 1] = 'm'
+  wr[#wr + 1] = write_meta(newest, glo, ghi, caches)
+  redis.call('HSET', KEYS[1], unpack(wr))
+  redis.call('EXPIRE', KEYS[1], TTL)
+end
+redis.call('HSET', KEYS[2], field, struct.pack('<ddd', ts, micro, label))
+redis.call('EXPIRE', KEYS[2], TTL)
+if old == -1 then return 'applied' end
+return 'changed'
+"""
+
+#: Each tracked attribute's slot in a tile and in the scripts' replies, and its letter.
+_SLOTS = {"terminal": (1, "t"), "merchant": (2, "m"), "country": (3, "c")}
+
+
+def _tile(timestamp: float, width: int) -> int:
+    """Index of the tile of width `width` that holds a timestamp."""
+    return math.floor(timestamp / width)
+
+
+class RedisTiledStore(RedisStore):
+    """Tiled window state in Redis or Valkey, single node or cluster (see the module doc).
+
+    Shares `RedisStore`'s connection, pipeline, errors, label index, `drop`, `check` and
+    `close`; only the scripts and their arguments differ.
+    """
+
+    def __init__(
+        self,
+        config: StateConfig,
+        url: str,
+        *,
+        prefix: str = "fraud:",
+        connect_timeout: float = 2.0,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__(
+            config, url, prefix=prefix, connect_timeout=connect_timeout, timeout=timeout
+        )
+        by_width: dict[int, list[int]] = {}
+        for window in config.windows:
+            by_width.setdefault(tile_width(window), []).append(window)
+        #: Tile widths, finest first, each with how long its tiles are kept.
+        self._levels = [
+            (width, max(windows) + config.allowed_lateness)
+            for width, windows in sorted(by_width.items())
+        ]
+        #: Seconds of event time per generation of ids and values.
+        self._span = math.ceil(config.keep + self._levels[-1][0])
+        header = self._header()
+        self._observe_source = header + _LIB + _OBSERVE
+        self._label_source = header + _LIB + _LABEL
+
+    def _header(self) -> str:
+        """The configuration as the scripts' constants: fewer arguments to send and parse."""
+        config = self.config
+        level_of = {width: level for level, (width, _) in enumerate(self._levels, 1)}
+
+        def table(values: Sequence[object]) -> str:
+            return "{" + ", ".join(str(value) for value in values) + "}"
+
+        constants = {
+            "NLEV": len(self._levels),
+            "WIDTH": table([width for width, _ in self._levels]),
+            "LKEEP": table([repr(float(keep)) for _, keep in self._levels]),
+            "NWIN": len(config.windows),
+            "WL": table([level_of[tile_width(window)] for window in config.windows]),
+            "WN": table([window // tile_width(window) for window in config.windows]),
+            "LATENESS": repr(float(config.allowed_lateness)),
+            "KEEP": repr(float(config.keep)),
+            "LOOKBACK": repr(float(config.keep - config.allowed_lateness)),
+            "TTL": self._ttl,
+            "GSPAN": self._span,
+            "WIDEST": self._levels[-1][0],
+            "RING": RING,
+        }
+        return "".join(f"local {name} = {value}\n" for name, value in constants.items())
+
+    def _connect(self) -> redis.Redis | redis.cluster.RedisCluster:
+        """`RedisStore`'s client, running this store's scripts."""
+        if self._client is None:
+            client = super()._connect()
+            # The exact store's scripts were registered; this store runs its own.
+            self._observe = client.register_script(self._observe_source)
+            self._label = client.register_script(self._label_source)
+            if isinstance(client, redis.cluster.RedisCluster):
+                self._load_scripts(client)
+        assert self._client is not None
+        return self._client
+
+    def _tiles(self, timestamp: float) -> list[str]:
+        """The tile of a timestamp at each level, as the scripts take them."""
+        return [str(_tile(timestamp, width)) for width, _ in self._levels]
+
+    def _generation(self, start: str, timestamp: float, offset: int = 0) -> str:
+        """Key of the generation of a timestamp (or `offset` generations from it)."""
+        return f"{start}g{_tile(timestamp, self._span) + offset}"
+
+    def observe_many(
+        self, events: Sequence[Event], needed: frozenset[str] | None = None
+    ) -> list[Features]:
+        """See `detector.state.base.StateStore.observe_many`: one pipeline for the batch."""
+        if not events:
+            return []
+        calls = [self._calls(event) for event in events]
+
+        def queue(pipe: Any) -> None:
+            for event, (scripts, ents) in zip(events, calls, strict=True):
+                index = self._index(event.transaction_id)
+                pipe.set(index, repr(float(event.timestamp)) + "\0" + ents, ex=self._ttl)
+                for keys, args in scripts:
+                    self._observe(keys=keys, args=args, client=pipe)
+
+        replies = iter(self._pipeline("observe", queue))
+        out = []
+        for event, (scripts, _) in zip(events, calls, strict=True):
+            next(replies)  # the index's SET
+            entity_replies = [next(replies) for _ in scripts]
+            out.append(self._features(entity_replies, event, base.entities_of(event), needed))
+        return out
+
+    def _calls(self, event: Event) -> tuple[list[tuple[list[str], list[str]]], str]:
+        """Keys and arguments of each entity's script, and the label index's entity list."""
+        ts = event.timestamp
+        head = [
+            event.transaction_id,
+            repr(float(ts)),
+            str(base.micros(event.amount)),
+            repr(float(event.amount)),
+            str(_tile(ts, self._span)),
+        ]
+        tiles = self._tiles(ts)
+        scripts = []
+        pairs = base.entities_of(event)
+        for kind, ident in pairs:
+            start = self._entity(kind, ident)
+            keys = [start + "t", *(self._generation(start, ts, d) for d in (-1, 0, 1))]
+            attrs = []
+            for attr in DISTINCT[kind]:
+                value = getattr(event, attr)
+                if value is not None:
+                    slot, letter = _SLOTS[attr]
+                    attrs += [str(slot), f"v{letter}{value}"]
+            args = [*head, start + "g", *tiles, str(len(attrs) // 2), *attrs]
+            scripts.append((keys, args))
+        return scripts, "\0".join(f"{kind}:{ident}" for kind, ident in pairs)
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
+        """See `detector.state.StateStore.record_label`: the index, then each entity."""
+        client = self._guard("label", self._connect)
+        index = self._guard("label", lambda: client.get(self._index(transaction_id)))
+        outcomes: set[str] = set()
+        if index is not None:
+            stamp, *entities = index.decode().split("\0")
+            ts = float(stamp)
+            args = [transaction_id, "1" if is_fraud else "0", *self._tiles(ts)]
+
+            def queue(pipe: Any) -> None:
+                for entity in entities:
+                    kind, _, ident = entity.partition(":")
+                    start = self._entity(kind, ident)
+                    keys = [start + "t", self._generation(start, ts)]
+                    self._label(keys=keys, args=args, client=pipe)
+
+            outcomes = {reply.decode() for reply in self._pipeline("label", queue)}
+        outcomes.discard("unknown")
+        if not outcomes:
+            outcome = LabelOutcome.UNKNOWN
+        elif outcomes == {"duplicate"}:
+            outcome = LabelOutcome.DUPLICATE
+        elif "changed" in outcomes:
+            outcome = LabelOutcome.CHANGED
+        else:
+            outcome = LabelOutcome.APPLIED
+        base.log_label(log, transaction_id, is_fraud, outcome)
+        return outcome

@@ -1,0 +1,244 @@
+"""The tiled Redis store: the same features as the tiled definition, at a cost flat in history."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from detector.state import Event, LabelOutcome, StateConfig
+from detector.state.base import DISTINCT, FeatureBuilder, Features, Raw, entities_of, micros
+from detector.state.redis_tiled import RedisTiledStore
+from detector.state.tiles import RING, tile_width
+from stack.services import unique
+from tests.helpers.state import PROPERTY_CONFIG, streams
+
+#: Minute and hour tiles: a 10-minute and a 1-day window.
+HOURS_CONFIG = StateConfig(windows=(600, 86400), allowed_lateness=300)
+
+REDIS_SERVERS = {"redis": "redis_url", "redis-cluster": "redis_cluster_url"}
+
+Factory = Callable[[StateConfig], RedisTiledStore]
+
+
+@pytest.fixture(params=list(REDIS_SERVERS))
+def make_store(request: pytest.FixtureRequest) -> Iterator[Factory]:
+    """Builds tiled stores on one server kind, each under a fresh key prefix."""
+    url = request.getfixturevalue(REDIS_SERVERS[request.param])
+    opened: list[RedisTiledStore] = []
+
+    def factory(config: StateConfig) -> RedisTiledStore:
+        store = RedisTiledStore(config, url, prefix=unique("tiled") + ":")
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.drop()
+        store.close()
+
+
+class _Reference:
+    """The tiled definition computed by brute force from every recorded transaction."""
+
+    def __init__(self, config: StateConfig) -> None:
+        self.config = config
+        self.builder = FeatureBuilder(config.windows)
+        self.horizon: dict[int, float] = {}
+        for window in config.windows:
+            width = tile_width(window)
+            longest = max(w for w in config.windows if tile_width(w) == width)
+            self.horizon[width] = longest + config.allowed_lateness
+        self.recorded: dict[tuple[str, str], dict[str, tuple[Event, int]]] = {}
+        self.index: dict[str, list[tuple[str, str]]] = {}
+
+    def _held(self, entity: tuple[str, str], txid: str) -> tuple[Event, int] | None:
+        rows = self.recorded.get(entity, {})
+        row = rows.get(txid)
+        newest = max(e.timestamp for e, _ in rows.values()) if rows else -math.inf
+        if row is not None and row[0].timestamp > newest - self.config.keep:
+            return row
+        return None
+
+    def observe(self, event: Event) -> Features:
+        config = self.config
+        out: Features = {}
+        for entity in entities_of(event):
+            kind = entity[0]
+            rows = self.recorded.setdefault(entity, {})
+            newest = max((e.timestamp for e, _ in rows.values()), default=None)
+            held = self._held(entity, event.transaction_id)
+            raws: list[Raw] = []
+            for window in config.windows:
+                width = tile_width(window)
+                n = window // width
+                k = math.floor(event.timestamp / width)
+                edge = (
+                    -math.inf
+                    if newest is None
+                    else math.floor((newest - self.horizon[width]) / width)
+                )
+                inside = [
+                    (e, label)
+                    for e, label in rows.values()
+                    if k - n < math.floor(e.timestamp / width) <= k
+                    and math.floor(e.timestamp / width) >= edge
+                ]
+                count = len(inside)
+                total = sum(micros(e.amount) for e, _ in inside)
+                high = max((e.amount for e, _ in inside), default=-math.inf)
+                fraud = sum(1 for _, label in inside if label == 1)
+                if held is not None and k >= edge:
+                    count -= 1
+                    total -= micros(held[0].amount)
+                    fraud -= held[1] == 1
+                distinct = []
+                for attr in ("terminal", "merchant", "country"):
+                    newest_tile: dict[str, int] = {}
+                    for e, _ in rows.values():
+                        value = getattr(e, attr)
+                        if value is not None and attr in DISTINCT[kind]:
+                            tile = math.floor(e.timestamp / width)
+                            newest_tile[value] = max(newest_tile.get(value, tile), tile)
+                    distinct.append(sum(1 for i in newest_tile.values() if i > k - n and i >= edge))
+                raws.append((count, total, high, fraud, *distinct))  # type: ignore[arg-type]
+            ring = sorted(((e.timestamp, e.transaction_id) for e, _ in rows.values()))[-RING:]
+            before = [s for s in ring if s < (event.timestamp, event.transaction_id)]
+            lookback = config.keep - config.allowed_lateness
+            gap = None
+            if before and before[-1][0] > event.timestamp - lookback:
+                gap = event.timestamp - before[-1][0]
+            out[kind] = self.builder.build(kind, event.amount, raws, gap)
+            late = newest is not None and event.timestamp < newest - config.allowed_lateness
+            if held is None and not late:
+                rows[event.transaction_id] = (event, -1)
+        self.index[event.transaction_id] = entities_of(event)
+        return out
+
+    def record_label(self, txid: str, is_fraud: bool) -> LabelOutcome:
+        outcomes = set()
+        for entity in self.index.get(txid, []):
+            held = self._held(entity, txid)
+            if held is None:
+                continue
+            label = int(is_fraud)
+            if held[1] == label:
+                outcomes.add(LabelOutcome.DUPLICATE)
+            else:
+                outcomes.add(LabelOutcome.APPLIED if held[1] == -1 else LabelOutcome.CHANGED)
+                self.recorded[entity][txid] = (held[0], label)
+        if not outcomes:
+            return LabelOutcome.UNKNOWN
+        if outcomes == {LabelOutcome.DUPLICATE}:
+            return LabelOutcome.DUPLICATE
+        if LabelOutcome.CHANGED in outcomes:
+            return LabelOutcome.CHANGED
+        return LabelOutcome.APPLIED
+
+
+@st.composite
+def scaled_streams(draw: st.DrawFn) -> tuple[StateConfig, list[tuple[str, object]]]:
+    """A random stream with second tiles, or stretched over days for minute and hour tiles."""
+    steps = draw(streams())
+    if draw(st.booleans()):
+        return PROPERTY_CONFIG, steps
+    scale = draw(st.sampled_from([60, 1000, 7000]))
+    start = 1_700_000_000.0
+    stretched: list[tuple[str, object]] = []
+    for kind, step in steps:
+        if kind == "event":
+            assert isinstance(step, Event)
+            step = step._replace(timestamp=start + step.timestamp * scale)
+        stretched.append((kind, step))
+    return HOURS_CONFIG, stretched
+
+
+@settings(
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=scaled_streams(), batched=st.booleans())
+def test_features_and_labels_follow_the_tiled_definition(
+    make_store: Factory, case: tuple[StateConfig, list[tuple[str, object]]], batched: bool
+) -> None:
+    """Any stream gives the reference's features and label outcomes, one by one or in batches."""
+    config, steps = case
+    reference = _Reference(config)
+    store = make_store(config)
+    batch: list[Event] = []
+    expected: list[Features] = []
+
+    def flush() -> None:
+        assert store.observe_many(batch) == expected
+        batch.clear()
+        expected.clear()
+
+    for kind, step in steps:
+        if kind == "event":
+            assert isinstance(step, Event)
+            expected.append(reference.observe(step))
+            if batched:
+                batch.append(step)
+            else:
+                assert store.observe(step) == expected.pop()
+        else:
+            flush()
+            assert isinstance(step, tuple)
+            txid, is_fraud = step
+            assert store.record_label(txid, is_fraud) == reference.record_label(txid, is_fraud)
+    flush()
+
+
+def test_an_entitys_keys_share_one_slot_and_expire(redis_url: str) -> None:
+    """Every key a transaction writes is in its entity's slot (or the index's) with a TTL."""
+    config = StateConfig()
+    store = RedisTiledStore(config, redis_url, prefix=unique("tiled") + ":")
+    event = Event("x1", 1_700_000_000.0, 12.5, "c1", "k1", "t1", "m1", "FR")
+    store.observe(event)
+    store.record_label("x1", True)
+    client = redis.Redis.from_url(redis_url)
+    keys = [key.decode() for key in client.scan_iter(match=store.prefix + "*")]
+    by_tag: dict[str, set[int]] = {}
+    for key in keys:
+        tag = key[key.index("{") + 1 : key.index("}")]
+        by_tag.setdefault(tag, set()).add(key_slot(key.encode()))
+        assert 0 < client.ttl(key) <= math.ceil(config.keep)
+    assert set(by_tag) == {"customer:c1", "card:k1", "terminal:t1", "merchant:m1", "t:x1"}
+    assert all(len(slots) == 1 for slots in by_tag.values())
+    store.drop()
+    store.close()
+
+
+def _server_usec_per_script(url: str, history: int) -> float:
+    """Server µs per script of 200 transactions of a merchant after `history` earlier ones."""
+    client = redis.Redis.from_url(url)
+    store = RedisTiledStore(StateConfig(), url, prefix=unique("tiled") + ":")
+    start = 1_700_000_000.0
+    spacing = 20 * 86400 / history
+    earlier = [
+        Event(f"h{i}", start + i * spacing, 1.0 + i % 97, merchant="busy", terminal=f"t{i % 7}")
+        for i in range(history)
+    ]
+    for at in range(0, len(earlier), 500):
+        store.observe_many(earlier[at : at + 500])
+    later = [
+        Event(f"n{i}", start + 20 * 86400 + i * 30, 1.0 + i % 89, merchant="busy")
+        for i in range(200)
+    ]
+    client.config_resetstat()
+    store.observe_many(later)
+    stats = client.info("commandstats")["cmdstat_evalsha"]
+    store.drop()
+    store.close()
+    return float(stats["usec"]) / float(stats["calls"])
+
+
+def test_cost_does_not_grow_with_history(redis_url: str) -> None:
+    """A merchant with 10,000 transactions in its windows costs about what one with 10 does."""
+    few, many = (_server_usec_per_script(redis_url, history) for history in (10, 10_000))
+    assert many < 2 * few, f"{many:.1f} µs per script after 10,000, {few:.1f} after 10"
