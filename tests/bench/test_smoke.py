@@ -136,6 +136,13 @@ def _worker(out: str, _: Path) -> None:
     assert "Targets (ratios within one run" in out
 
 
+def _tiled_redis(out: str, _: Path) -> None:
+    stream = re.search(r"^stream: 500 transactions .*: ([0-9.]+) µs server time", out, re.M)
+    flat = re.search(r"^flat cost: .* after 2,000 ([0-9.]+) µs \(([0-9.]+)x\)$", out, re.M)
+    assert stream and flat, out
+    assert float(stream.group(1)) > 0 and float(flat.group(2)) > 0
+
+
 integration = pytest.mark.integration
 
 #: (script, extra arguments, marks, check). "{redis}" and "{out}" are filled in per run.
@@ -150,6 +157,7 @@ CASES: list[tuple[str, tuple[str, ...], tuple[pytest.MarkDecorator, ...], Check]
     ("bench_pauses.py", (), (), _pauses),
     ("bench_publisher.py", ("--json",), (integration,), _publisher),
     ("bench_replay.py", (), (), _replay),
+    ("bench_tiled_redis.py", ("--url", "{redis}"), (integration,), _tiled_redis),
     ("bench_worker.py", (), (integration,), _worker),
     (
         "bench_state.py",

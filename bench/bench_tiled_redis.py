@@ -1,0 +1,160 @@
+"""Benchmark of the tiled Redis store: server time per transaction, and flat cost in history.
+
+    .venv/bin/python bench/bench_tiled_redis.py                # throwaway redis-server
+    .venv/bin/python bench/bench_tiled_redis.py --url redis://127.0.0.1:6379/0
+
+Stream: transactions over a month of event time, each naming a customer, the customer's card,
+a terminal and a merchant (merchants Zipf-skewed), in `observe_many` batches of 500. Server
+time is the ``usec`` of EVALSHA in ``INFO commandstats`` (statistics reset before), i.e. the
+scripts' own time on the server, all entities of a transaction together.
+
+Flat cost: a merchant with few transactions in its 30-day window, and one with many (built
+by the same batches), each then observes 1,000 more; their server time per script is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from detector.state import Event, StateConfig
+from detector.state.redis_tiled import RedisTiledStore
+from detector.vocabulary import DAY
+from stack.services import redis_server, unique
+
+START = 1_700_000_000.0
+BATCH = 500
+
+
+def stream(
+    rng: random.Random, count: int, customers: int, terminals: int, merchants: int, days: float
+) -> list[Event]:
+    """`count` transactions in time order over `days`, merchants Zipf-skewed."""
+    weights = [1 / (rank + 1) for rank in range(merchants)]
+    times = sorted(rng.uniform(0, days * DAY) for _ in range(count))
+    events = []
+    for n, offset in enumerate(times):
+        customer = rng.randrange(customers)
+        events.append(
+            Event(
+                transaction_id=f"tx{n}",
+                timestamp=START + offset,
+                amount=round(rng.lognormvariate(3.5, 1.0), 2),
+                customer=f"C{customer}",
+                card=f"K{customer}",
+                terminal=f"T{rng.randrange(terminals)}",
+                merchant=f"M{rng.choices(range(merchants), weights)[0]}",
+                country=rng.choice(("FR", "BE", "DE", "NL")),
+            )
+        )
+    return events
+
+
+def server_usec(client: redis.Redis) -> tuple[float, int]:
+    """(usec, calls) of EVALSHA since the last CONFIG RESETSTAT."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return float(stats.get("usec", 0)), int(stats.get("calls", 0))
+
+
+def run(store: RedisTiledStore, client: redis.Redis, events: list[Event]) -> tuple[float, float]:
+    """Observe the events in batches; (server µs per transaction, client transactions/s)."""
+    client.config_resetstat()
+    began = time.perf_counter()
+    for at in range(0, len(events), BATCH):
+        store.observe_many(events[at : at + BATCH])
+    elapsed = time.perf_counter() - began
+    usec, _ = server_usec(client)
+    return usec / len(events), len(events) / elapsed
+
+
+def flat_cost(url: str, client: redis.Redis, hot: int) -> dict[int, float]:
+    """Server µs per script of 1,000 observes of a merchant after 10 or `hot` earlier ones."""
+    rng = random.Random(7)
+    out = {}
+    for history in (10, hot):
+        store = RedisTiledStore(StateConfig(), url, prefix=unique("bench") + ":")
+        spacing = 25 * DAY / history
+        earlier = [
+            Event(
+                f"h{i}",
+                START + i * spacing,
+                round(rng.uniform(1, 500), 2),
+                merchant="busy",
+                terminal=f"T{rng.randrange(5000)}",
+                country="FR",
+            )
+            for i in range(history)
+        ]
+        for at in range(0, len(earlier), BATCH):
+            store.observe_many(earlier[at : at + BATCH])
+        later = [
+            Event(
+                f"n{i}",
+                START + 25 * DAY + i * 60,
+                round(rng.uniform(1, 500), 2),
+                merchant="busy",
+                terminal=f"T{rng.randrange(5000)}",
+                country="FR",
+            )
+            for i in range(1000)
+        ]
+        client.config_resetstat()
+        for at in range(0, len(later), BATCH):
+            store.observe_many(later[at : at + BATCH])
+        usec, calls = server_usec(client)
+        out[history] = usec / calls
+        store.drop()
+        store.close()
+    return out
+
+
+@contextlib.contextmanager
+def server(url: str | None) -> Iterator[str]:
+    if url is not None:
+        yield url
+        return
+    with tempfile.TemporaryDirectory() as workdir, redis_server(Path(workdir)) as started:
+        yield started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a Redis to use (default: a throwaway redis-server)")
+    parser.add_argument("--transactions", type=int, default=20_000)
+    parser.add_argument("--days", type=float, default=30.0, help="event time the stream spans")
+    parser.add_argument("--hot", type=int, default=1_000_000, help="the busy merchant's history")
+    parser.add_argument("--quick", action="store_true", help="tiny input: that it runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.transactions, args.hot = 500, 2_000
+    with server(args.url) as url:
+        client = redis.Redis.from_url(url)
+        events = stream(random.Random(1), args.transactions, 2_000, 5_000, 50, args.days)
+        store = RedisTiledStore(StateConfig(), url, prefix=unique("bench") + ":")
+        usec, rate = run(store, client, events)
+        print(
+            f"stream: {len(events)} transactions over {args.days:g} days: "
+            f"{usec:.1f} µs server time per transaction, {rate:,.0f} transactions/s"
+        )
+        store.drop()
+        store.close()
+        flat = flat_cost(url, client, args.hot)
+        few, many = flat[10], flat[args.hot]
+        print(
+            f"flat cost: merchant after 10 transactions {few:.1f} µs per script, "
+            f"after {args.hot:,} {many:.1f} µs ({many / few:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
