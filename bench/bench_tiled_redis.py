@@ -8,6 +8,8 @@ a terminal and a merchant (merchants Zipf-skewed), in `observe_many` batches of 
 time is the ``usec`` of EVALSHA in ``INFO commandstats`` (statistics reset before), i.e. the
 scripts' own time on the server, all entities of a transaction together.
 
+The exact `RedisStore` then runs the same stream in the same run, for the ratio.
+
 Flat cost: a merchant with few transactions in its 30-day window, and one with many (built
 by the same batches), each then observes 1,000 more; their server time per script is compared.
 """
@@ -28,6 +30,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detector.state import Event, StateConfig
+from detector.state.redis_store import RedisStore
 from detector.state.redis_tiled import RedisTiledStore
 from detector.vocabulary import DAY
 from stack.services import redis_server, unique
@@ -66,7 +69,7 @@ def server_usec(client: redis.Redis) -> tuple[float, int]:
     return float(stats.get("usec", 0)), int(stats.get("calls", 0))
 
 
-def run(store: RedisTiledStore, client: redis.Redis, events: list[Event]) -> tuple[float, float]:
+def run(store: RedisStore, client: redis.Redis, events: list[Event]) -> tuple[float, float]:
     """Observe the events in batches; (server µs per transaction, client transactions/s)."""
     client.config_resetstat()
     began = time.perf_counter()
@@ -148,6 +151,14 @@ def main() -> None:
         )
         store.drop()
         store.close()
+        exact = RedisStore(StateConfig(), url, prefix=unique("bench") + ":")
+        exact_usec, exact_rate = run(exact, client, events)
+        print(
+            f"same stream, exact RedisStore: {exact_usec:.1f} µs server time per transaction, "
+            f"{exact_rate:,.0f} transactions/s (tiled: {usec / exact_usec:.2f}x the server time)"
+        )
+        exact.drop()
+        exact.close()
         flat = flat_cost(url, client, args.hot)
         few, many = flat[10], flat[args.hot]
         print(

@@ -139,7 +139,8 @@ def _worker(out: str, _: Path) -> None:
 def _tiled_redis(out: str, _: Path) -> None:
     stream = re.search(r"^stream: 500 transactions .*: ([0-9.]+) µs server time", out, re.M)
     flat = re.search(r"^flat cost: .* after 2,000 ([0-9.]+) µs \(([0-9.]+)x\)$", out, re.M)
-    assert stream and flat, out
+    exact = re.search(r"^same stream, exact RedisStore: .*\(tiled: ([0-9.]+)x", out, re.M)
+    assert stream and flat and exact, out
     assert float(stream.group(1)) > 0 and float(flat.group(2)) > 0
 
 
