@@ -78,6 +78,7 @@ __all__ = [
     "Raw",
     "StateConfig",
     "StateStore",
+    "combine_outcomes",
     "entities_of",
     "feature_names",
     "log_label",
@@ -378,6 +379,18 @@ def select(features: dict[str, float], needed: frozenset[str] | None) -> dict[st
     if needed is None:
         return features
     return {name: value for name, value in features.items() if name in needed}
+
+
+def combine_outcomes(outcomes: Iterable[str]) -> LabelOutcome:
+    """One label's outcome from what each entity's script said of it (`LabelOutcome` values)."""
+    said = set(outcomes) - {LabelOutcome.UNKNOWN.value}
+    if not said:
+        return LabelOutcome.UNKNOWN
+    if said == {LabelOutcome.DUPLICATE.value}:
+        return LabelOutcome.DUPLICATE
+    if LabelOutcome.CHANGED.value in said:
+        return LabelOutcome.CHANGED
+    return LabelOutcome.APPLIED
 
 
 def log_label(

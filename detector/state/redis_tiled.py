@@ -700,14 +700,6 @@ class RedisTiledStore(RedisStore):
                     self._label(keys=keys, args=args, client=pipe)
 
             outcomes = {reply.decode() for reply in self._pipeline("label", queue)}
-        outcomes.discard("unknown")
-        if not outcomes:
-            outcome = LabelOutcome.UNKNOWN
-        elif outcomes == {"duplicate"}:
-            outcome = LabelOutcome.DUPLICATE
-        elif "changed" in outcomes:
-            outcome = LabelOutcome.CHANGED
-        else:
-            outcome = LabelOutcome.APPLIED
+        outcome = base.combine_outcomes(outcomes)
         base.log_label(log, transaction_id, is_fraud, outcome)
         return outcome
