@@ -273,6 +273,9 @@ class RedisStore:
                 f"REDIS_URL: {error}: {redact(url)}", setting="REDIS_URL"
             ) from None
         self._client: redis.Redis | redis.cluster.RedisCluster | None = None
+        # The scripts' sources, registered on connecting (a subclass may set its own).
+        self._observe_source = _OBSERVE
+        self._label_source = _LABEL
         self._observe: Any = None
         self._label: Any = None
         windows = config.windows
@@ -324,8 +327,8 @@ class RedisStore:
                     socket_connect_timeout=self._connect_timeout,
                     socket_timeout=self._timeout,
                 )
-            self._observe = client.register_script(_OBSERVE)
-            self._label = client.register_script(_LABEL)
+            self._observe = client.register_script(self._observe_source)
+            self._label = client.register_script(self._label_source)
             if enabled:
                 self._load_scripts(client)
             self._client = client

@@ -38,9 +38,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import redis
-import redis.cluster
-
 from detector.state import base
 from detector.state.base import DISTINCT, Event, Features, LabelOutcome, StateConfig
 from detector.state.redis_store import RedisStore
@@ -612,18 +609,6 @@ class RedisTiledStore(RedisStore):
             "RING": RING,
         }
         return "".join(f"local {name} = {value}\n" for name, value in constants.items())
-
-    def _connect(self) -> redis.Redis | redis.cluster.RedisCluster:
-        """`RedisStore`'s client, running this store's scripts."""
-        if self._client is None:
-            client = super()._connect()
-            # The exact store's scripts were registered; this store runs its own.
-            self._observe = client.register_script(self._observe_source)
-            self._label = client.register_script(self._label_source)
-            if isinstance(client, redis.cluster.RedisCluster):
-                self._load_scripts(client)
-        assert self._client is not None
-        return self._client
 
     def _tiles(self, timestamp: float) -> list[str]:
         """The tile of a timestamp at each level, as the scripts take them."""
