@@ -80,6 +80,18 @@ def run(store: RedisStore, client: redis.Redis, events: list[Event]) -> tuple[fl
     return usec / len(events), len(events) / elapsed
 
 
+def run_fresh(
+    kind: type[RedisStore], url: str, client: redis.Redis, events: list[Event]
+) -> tuple[float, float]:
+    """`run` on a store of this kind under a fresh prefix, dropped afterwards."""
+    store = kind(StateConfig(), url, prefix=unique("bench") + ":")
+    try:
+        return run(store, client, events)
+    finally:
+        store.drop()
+        store.close()
+
+
 def flat_cost(url: str, client: redis.Redis, hot: int) -> dict[int, float]:
     """Server µs per script of 1,000 observes of a merchant after 10 or `hot` earlier ones."""
     rng = random.Random(7)
@@ -143,22 +155,16 @@ def main() -> None:
     with server(args.url) as url:
         client = redis.Redis.from_url(url)
         events = stream(random.Random(1), args.transactions, 2_000, 5_000, 50, args.days)
-        store = RedisTiledStore(StateConfig(), url, prefix=unique("bench") + ":")
-        usec, rate = run(store, client, events)
+        usec, rate = run_fresh(RedisTiledStore, url, client, events)
         print(
             f"stream: {len(events)} transactions over {args.days:g} days: "
             f"{usec:.1f} µs server time per transaction, {rate:,.0f} transactions/s"
         )
-        store.drop()
-        store.close()
-        exact = RedisStore(StateConfig(), url, prefix=unique("bench") + ":")
-        exact_usec, exact_rate = run(exact, client, events)
+        exact_usec, exact_rate = run_fresh(RedisStore, url, client, events)
         print(
             f"same stream, exact RedisStore: {exact_usec:.1f} µs server time per transaction, "
             f"{exact_rate:,.0f} transactions/s (tiled: {usec / exact_usec:.2f}x the server time)"
         )
-        exact.drop()
-        exact.close()
         flat = flat_cost(url, client, args.hot)
         few, many = flat[10], flat[args.hot]
         print(
