@@ -381,6 +381,21 @@ def select(features: dict[str, float], needed: frozenset[str] | None) -> dict[st
     return {name: value for name, value in features.items() if name in needed}
 
 
+def wanted(
+    reads: Mapping[str, frozenset[str] | None] | None, kind: str, needed: frozenset[str] | None
+) -> frozenset[str] | None:
+    """`needed` narrowed to what `declare_reads` said is read of this kind: nothing for a kind
+    it does not name, everything `needed` asks for one it names with None."""
+    if reads is None:
+        return needed
+    if kind not in reads:
+        return frozenset()
+    read = reads[kind]
+    if read is None:
+        return needed
+    return read if needed is None else read & needed
+
+
 def combine_outcomes(outcomes: Iterable[str]) -> LabelOutcome:
     """One label's outcome from what each entity's script said of it (`LabelOutcome` values)."""
     said = set(outcomes) - {LabelOutcome.UNKNOWN.value}

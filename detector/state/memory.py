@@ -578,14 +578,7 @@ class MemoryStore:
 
     def _wanted(self, kind: str, needed: frozenset[str] | None) -> frozenset[str] | None:
         """`needed` narrowed to what is read of this kind (see `narrow`)."""
-        if self._reads is None:
-            return needed
-        if kind not in self._reads:
-            return frozenset()
-        reads = self._reads[kind]
-        if reads is None:
-            return needed
-        return reads if needed is None else reads & needed
+        return base.wanted(self._reads, kind, needed)
 
     def _plan(self, needed: frozenset[str] | None) -> dict[str, _Plan]:
         """How to compute each kind's features for this `needed` (cached per set)."""

@@ -41,7 +41,7 @@ from typing import Any
 from detector.state import base
 from detector.state.base import DISTINCT, Event, Features, LabelOutcome, StateConfig
 from detector.state.redis_store import RedisStore
-from detector.state.tiles import RING, tile_width
+from detector.state.tiles import RING, levels, tile_width
 
 __all__ = ["RedisTiledStore"]
 
@@ -571,14 +571,8 @@ class RedisTiledStore(RedisStore):
         super().__init__(
             config, url, prefix=prefix, connect_timeout=connect_timeout, timeout=timeout
         )
-        by_width: dict[int, list[int]] = {}
-        for window in config.windows:
-            by_width.setdefault(tile_width(window), []).append(window)
         #: Tile widths, finest first, each with how long its tiles are kept.
-        self._levels = [
-            (width, max(windows) + config.allowed_lateness)
-            for width, windows in sorted(by_width.items())
-        ]
+        self._levels = levels(config)
         #: Seconds of event time per generation of ids and values.
         self._span = math.ceil(config.keep + self._levels[-1][0])
         header = self._header()

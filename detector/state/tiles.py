@@ -52,9 +52,10 @@ from __future__ import annotations
 
 from typing import Final
 
+from detector.state.base import StateConfig
 from detector.vocabulary import DAY, HOUR, MINUTE
 
-__all__ = ["RING", "tile_width"]
+__all__ = ["RING", "levels", "tile_width"]
 
 #: How many of an entity's greatest (timestamp, transaction_id) seconds_since_last looks among.
 RING: Final = 8
@@ -67,3 +68,16 @@ def tile_width(window: int) -> int:
     if window >= 10 * MINUTE and window % MINUTE == 0:
         return MINUTE
     return 1
+
+
+def levels(config: StateConfig) -> list[tuple[int, float]]:
+    """The tile widths a configuration's windows use, finest first, each with keep_g: how
+    far behind an entity's newest its tiles are kept (longest window of the width + lateness).
+    """
+    by_width: dict[int, list[int]] = {}
+    for window in config.windows:
+        by_width.setdefault(tile_width(window), []).append(window)
+    return [
+        (width, max(windows) + config.allowed_lateness)
+        for width, windows in sorted(by_width.items())
+    ]
