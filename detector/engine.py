@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol
 import orjson
 
 from detector.rules import Ruleset
-from detector.state import Event, LabelOutcome, StateStore
+from detector.state import Event, LabelOutcome, LabelPlace, StateStore
 from detector.transaction import Transaction, rfc3339
 from detector.vocabulary import ENTITY_VARIABLES
 
@@ -41,6 +41,8 @@ class RiskModel(Protocol):
 
     version: str
     variables: frozenset[str]
+    #: The window features it was trained on: "tiled" or "exact" (`StateConfig.tiled`).
+    state: str
 
     def score(self, activation: Mapping[str, Any]) -> tuple[float, Sequence[Contribution]]:
         """Return the fraud probability and the features that pushed it most."""
@@ -282,7 +284,9 @@ class Detector:
             ]
         return Verdict(transaction_id, decision, score, self.rules.version, body)
 
-    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome | None:
+    def record_label(
+        self, transaction_id: str, is_fraud: bool, place: LabelPlace | None = None
+    ) -> LabelOutcome | None:
         """Record a fraud label for a transaction (see `StateStore.record_label`).
 
         Returns None without a state store: nothing could use the label.
@@ -292,4 +296,4 @@ class Detector:
         """
         if self.store is None:
             return None
-        return self.store.record_label(transaction_id, is_fraud)
+        return self.store.record_label(transaction_id, is_fraud, place)

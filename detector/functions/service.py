@@ -30,7 +30,9 @@ from detector.errors import (
 from detector.functions.settings import Settings
 from detector.functions.sinks import VerdictSink
 from detector.logs import redact
-from detector.transaction import check_clock_skew, decode, rfc3339
+from detector.state import LabelPlace
+from detector.transaction import TEXT_MAX, check_clock_skew, decode, rfc3339
+from detector.vocabulary import ENTITIES
 
 __all__ = [
     "DEAD_LETTER_KEYS",
@@ -170,15 +172,37 @@ def label_model() -> Any:
     function's cold start (BENCHMARKS.md, "Cold start"), and only `record_feedback` reads
     labels.
     """
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+    text = Field(default=None, min_length=1, max_length=TEXT_MAX, strict=True)
 
     class Label(BaseModel):
-        """A fraud label for a transaction seen earlier."""
+        """A fraud label for a transaction seen earlier.
+
+        A chargeback file also gives the transaction's time and parties: with `timestamp`
+        and at least one of the ids, the label goes to those entities directly
+        (`detector.state.LabelPlace`) instead of through the label index.
+        """
 
         model_config = ConfigDict(frozen=True, extra="ignore")
 
         transaction_id: str = Field(min_length=1, strict=True)
         is_fraud: bool = Field(strict=True)
+        timestamp: AwareDatetime | None = None
+        customer_id: str | None = text
+        card_id: str | None = text
+        terminal_id: str | None = text
+        merchant: str | None = text
+
+        def place(self) -> LabelPlace | None:
+            """Where the transaction was recorded, when the label says."""
+            if self.timestamp is None:
+                return None
+            ids = (self.customer_id, self.card_id, self.terminal_id, self.merchant)
+            entities = tuple(
+                (kind, ident) for kind, ident in zip(ENTITIES, ids, strict=True) if ident
+            )
+            return LabelPlace(self.timestamp.timestamp(), entities) if entities else None
 
     return Label
 
@@ -385,7 +409,9 @@ class Service:
             )
             return None
         try:
-            recorded = self.detector.record_label(label.transaction_id, label.is_fraud)
+            recorded = self.detector.record_label(
+                label.transaction_id, label.is_fraud, label.place()
+            )
         except TransientError as error:
             self._transient(message, error, self.settings.feedback_dead_letter_topic)
             return None

@@ -75,6 +75,7 @@ __all__ = [
     "FeatureBuilder",
     "Features",
     "LabelOutcome",
+    "LabelPlace",
     "Raw",
     "StateConfig",
     "StateStore",
@@ -115,6 +116,15 @@ class LabelOutcome(enum.StrEnum):
     DUPLICATE = "duplicate"  # the transaction already had this label: nothing changed
     CHANGED = "changed"  # the transaction had the opposite label: replaced
     UNKNOWN = "unknown"  # not recorded (never seen, too late, or forgotten after retention)
+
+
+class LabelPlace(NamedTuple):
+    """Where a labelled transaction was recorded, when the label says so (chargeback files
+    carry the original transaction's time and parties): the tiled stores then go to these
+    entities directly, without the label index."""
+
+    timestamp: float  # the transaction's event time, epoch seconds
+    entities: tuple[tuple[str, str], ...]  # (kind, id), as `entities_of` gives them
 
 
 class Event(NamedTuple):
@@ -188,11 +198,15 @@ class StateConfig:
         retention: how long state is kept, in seconds of event time (Redis: also the TTL of
             its keys in wall-clock seconds). None means the minimum, longest window +
             allowed_lateness.
+        tiled: whether windows are read from time tiles (`detector.state.tiles`, the
+            default: cost flat in history) or from every transaction (the exact stores,
+            which models trained before tiles were trained on).
     """
 
     windows: tuple[int, ...] = DEFAULT_WINDOWS
     allowed_lateness: float = HOUR
     retention: float | None = field(default=None)
+    tiled: bool = True
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -251,8 +265,15 @@ class StateStore(Protocol):
         """
         ...
 
-    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
+    def record_label(
+        self, transaction_id: str, is_fraud: bool, place: LabelPlace | None = None
+    ) -> LabelOutcome:
         """Apply a fraud label to a recorded transaction (see `LabelOutcome`).
+
+        `place`, when the label gives it, names the transaction's time and entities: a tiled
+        store counts the label for those of them that still hold the transaction, without
+        the label index (so however long the index keeps ids); an exact store finds them in
+        its own records and ignores it.
 
         Raises:
             StoreUnavailable: the store cannot be reached; nothing was changed.

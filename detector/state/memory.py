@@ -838,8 +838,10 @@ class MemoryStore:
         """See `detector.state.base.StateStore.observe_many`."""
         return [self.observe(event, needed) for event in events]
 
-    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
-        """See `StateStore.record_label`."""
+    def record_label(
+        self, transaction_id: str, is_fraud: bool, place: base.LabelPlace | None = None
+    ) -> LabelOutcome:
+        """See `StateStore.record_label` (`place` is not needed: the store knows it)."""
         with self._lock:
             return self._record_label(transaction_id, is_fraud)
 

@@ -482,8 +482,11 @@ class RedisStore:
             )
         return features
 
-    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
-        """See `detector.state.StateStore.record_label`: the index, then each entity."""
+    def record_label(
+        self, transaction_id: str, is_fraud: bool, place: base.LabelPlace | None = None
+    ) -> LabelOutcome:
+        """See `detector.state.StateStore.record_label`: the index, then each entity (`place`
+        is not needed: the index holds the same)."""
         client = self._guard("label", self._connect)
         index = self._guard("label", lambda: client.get(self._index(transaction_id)))
         outcomes: set[str] = set()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,35 +51,27 @@ log = logging.getLogger(__name__)
 # Shared by both scripts, after the configuration's constants (see `RedisTiledStore._header`):
 # meta, tiles, and the tiles' names.
 _LIB = r"""
-local TILE = '<ddddddd'
 local NEG = -math.huge
-local META = '<ddd' .. string.rep('dddddddddd', NWIN)
-local VALUES = '<' .. string.rep('d', NLEV)
 
--- meta: newest, lowest and highest generation, then per window a cache
--- {end tile, valid, count, sum, fraud, max, max valid, distinct 1..3}.
+-- meta: newest, lowest and highest generation, then per window w from WB[w] + 1 on its
+-- cache {end tile, valid, count, sum, fraud, max, max valid, distinct 1..3}, kept flat.
 local function read_meta(s)
-  local caches = {}
   if not s then
-    for w = 1, NWIN do caches[w] = {0, 0, 0, 0, 0, NEG, 1, 0, 0, 0} end
-    return nil, nil, nil, caches
+    local m = {0, 0, 0}
+    for w = 1, NWIN do
+      local b = WB[w]
+      m[b + 1], m[b + 2], m[b + 3], m[b + 4], m[b + 5] = 0, 0, 0, 0, 0
+      m[b + 6], m[b + 7], m[b + 8], m[b + 9], m[b + 10] = NEG, 1, 0, 0, 0
+    end
+    return nil, nil, nil, m
   end
   local m = {struct.unpack(META, s)}
-  for w = 1, NWIN do
-    local b = 3 + (w - 1) * 10
-    caches[w] = {m[b + 1], m[b + 2], m[b + 3], m[b + 4], m[b + 5], m[b + 6], m[b + 7],
-      m[b + 8], m[b + 9], m[b + 10]}
-  end
-  return m[1], m[2], m[3], caches
+  return m[1], m[2], m[3], m
 end
 
-local function write_meta(newest, glo, ghi, caches)
-  local flat = {newest, glo, ghi}
-  for w = 1, NWIN do
-    local c, b = caches[w], 3 + (w - 1) * 10
-    for f = 1, 10 do flat[b + f] = c[f] end
-  end
-  return struct.pack(META, unpack(flat))
+local function write_meta(m, newest, glo, ghi)
+  m[1], m[2], m[3] = newest, glo, ghi
+  return struct.pack(META, unpack(m, 1, NMETA))
 end
 
 local function untile(s)
@@ -123,7 +116,7 @@ for L = 1, NLEV do
   fields[2 + NLEV + L] = tile_name(L, kk[L])
 end
 local got = redis.call('HMGET', main, unpack(fields))
-local newest, glo, ghi, caches = read_meta(got[1])
+local newest, glo, ghi, m = read_meta(got[1])
 local ring = got[2] or ''
 local order, tiles, dirty = {}, {}, {}
 for L = 1, NLEV do
@@ -210,20 +203,30 @@ if status == 'new' and nattr > 0 then
   for a = 1, nattr do
     if grow[1 + a] then vrec[a] = {struct.unpack(VALUES, grow[1 + a])} end
   end
-  if newest ~= nil then
-    for _, g in ipairs({{KEYS[2], gen - 1}, {KEYS[4], gen + 1}}) do
-      if g[2] >= glo and g[2] <= ghi then
-        local rows = redis.call('HMGET', g[1], unpack(vfield))
-        for a = 1, nattr do
-          if rows[a] then
-            local r = {struct.unpack(VALUES, rows[a])}
-            local v = vrec[a]
-            if v == nil then
-              vrec[a] = r
-            else
-              for L = 1, NLEV do if r[L] > v[L] then v[L] = r[L] end end
-            end
-          end
+  -- A value's record in a generation is at least its records in earlier ones, so the
+  -- generation before is read only for the values this one lacks.
+  if newest ~= nil and gen - 1 >= glo and gen - 1 <= ghi then
+    local miss, ma = {}, {}
+    for a = 1, nattr do
+      if not vrec[a] then miss[#miss + 1], ma[#ma + 1] = vfield[a], a end
+    end
+    if #miss > 0 then
+      local rows = redis.call('HMGET', KEYS[2], unpack(miss))
+      for r = 1, #miss do
+        if rows[r] then vrec[ma[r]] = {struct.unpack(VALUES, rows[r])} end
+      end
+    end
+  end
+  if newest ~= nil and gen + 1 >= glo and gen + 1 <= ghi then
+    local rows = redis.call('HMGET', KEYS[4], unpack(vfield))
+    for a = 1, nattr do
+      if rows[a] then
+        local r = {struct.unpack(VALUES, rows[a])}
+        local v = vrec[a]
+        if v == nil then
+          vrec[a] = r
+        else
+          for L = 1, NLEV do if r[L] > v[L] then v[L] = r[L] end end
         end
       end
     end
@@ -244,9 +247,9 @@ end
 -- late or redelivered transaction's moved sums are not saved.
 local mode, leave, enter, beyond = {}, {}, {}, {}
 for w = 1, NWIN do
-  local L, n, c = WL[w], WN[w], caches[w]
-  local k = kk[L]
-  if c[2] ~= 1 or math.abs(k - c[1]) >= n then
+  local L, n, b = WL[w], WN[w], WB[w]
+  local k, e = kk[L], m[b + 1]
+  if m[b + 2] ~= 1 or math.abs(k - e) >= n then
     mode[w] = 'fill'
     enter[w] = span(L, k - n, k)
     if beyond[L] == nil then beyond[L] = span(L, k, math.huge) end
@@ -254,10 +257,10 @@ for w = 1, NWIN do
     want(L, beyond[L])
   else
     mode[w] = 'move'
-    if k > c[1] then
-      leave[w], enter[w] = span(L, c[1] - n, k - n), span(L, c[1], k)
-    elseif k < c[1] then
-      leave[w], enter[w] = span(L, k, c[1]), span(L, k - n, c[1] - n)
+    if k > e then
+      leave[w], enter[w] = span(L, e - n, k - n), span(L, e, k)
+    elseif k < e then
+      leave[w], enter[w] = span(L, k, e), span(L, k - n, e - n)
     else
       leave[w], enter[w] = {}, {}
     end
@@ -279,22 +282,22 @@ fetch()
 
 -- Add (sign 1) or take out (-1) tiles from a window's count, sum, fraud and max, and
 -- distinct sums when `distinct`.
-local function take(c, known, list, sign, distinct)
+local function take(b, known, list, sign, distinct)
   for _, i in ipairs(list) do
     local t = known[i]
     if t then
-      c[3] = c[3] + sign * t[1]
-      c[4] = c[4] + sign * t[2]
-      c[5] = c[5] + sign * t[4]
+      m[b + 3] = m[b + 3] + sign * t[1]
+      m[b + 4] = m[b + 4] + sign * t[2]
+      m[b + 5] = m[b + 5] + sign * t[4]
       if sign > 0 then
-        if t[3] > c[6] then c[6] = t[3] end
-      elseif t[3] >= c[6] then
-        c[7] = 0
+        if t[3] > m[b + 6] then m[b + 6] = t[3] end
+      elseif t[3] >= m[b + 6] then
+        m[b + 7] = 0
       end
       if distinct then
-        c[8] = c[8] + sign * t[5]
-        c[9] = c[9] + sign * t[6]
-        c[10] = c[10] + sign * t[7]
+        m[b + 8] = m[b + 8] + sign * t[5]
+        m[b + 9] = m[b + 9] + sign * t[6]
+        m[b + 10] = m[b + 10] + sign * t[7]
       end
     end
   end
@@ -302,61 +305,63 @@ end
 
 local stale = {}
 for w = 1, NWIN do
-  local L, n = WL[w], WN[w]
+  local L, n, b = WL[w], WN[w], WB[w]
   local k, known = kk[L], tiles[L]
-  local c = caches[w]
   if mode[w] == 'move' then
-    if k > c[1] then
-      take(c, known, leave[w], -1, true)
-      take(c, known, enter[w], 1, false)
-    elseif k < c[1] then
-      take(c, known, leave[w], -1, false)
-      take(c, known, enter[w], 1, true)
+    local e = m[b + 1]
+    if k > e then
+      take(b, known, leave[w], -1, true)
+      take(b, known, enter[w], 1, false)
+    elseif k < e then
+      take(b, known, leave[w], -1, false)
+      take(b, known, enter[w], 1, true)
     end
-    c[1] = k
-    if c[7] == 0 then  -- the max left: read the window's tiles for it
+    m[b + 1] = k
+    if m[b + 7] == 0 then  -- the max left: read the window's tiles for it
       stale[w] = span(L, k - n, k)
       want(L, stale[w])
     end
   else
-    c = {k, 1, 0, 0, 0, NEG, 1, 0, 0, 0}
-    take(c, known, enter[w], 1, true)
+    m[b + 1], m[b + 2], m[b + 3], m[b + 4], m[b + 5] = k, 1, 0, 0, 0
+    m[b + 6], m[b + 7], m[b + 8], m[b + 9], m[b + 10] = NEG, 1, 0, 0, 0
+    take(b, known, enter[w], 1, true)
     for _, i in ipairs(beyond[L]) do
       local t = known[i]
       if t and i > k then
-        c[8] = c[8] + t[5]
-        c[9] = c[9] + t[6]
-        c[10] = c[10] + t[7]
+        m[b + 8] = m[b + 8] + t[5]
+        m[b + 9] = m[b + 9] + t[6]
+        m[b + 10] = m[b + 10] + t[7]
       end
     end
-    caches[w] = c
   end
 end
 if next(stale) ~= nil then
   fetch()
   for w, list in pairs(stale) do
-    local c, known = caches[w], tiles[WL[w]]
+    local b, known = WB[w], tiles[WL[w]]
     local high = NEG
     for _, i in ipairs(list) do
       local t = known[i]
       if t and t[3] > high then high = t[3] end
     end
-    c[6], c[7] = high, 1
+    m[b + 6], m[b + 7] = high, 1
   end
 end
 
-local out = {status}
+-- The reply: the status's letter, then per window (count, sum, max, fraud, distinct 1..3)
+-- and seconds_since_last (NaN when none) as doubles.
+local out, o = {}, 0
 for w = 1, NWIN do
-  local c = caches[w]
-  local count, total, fraud = c[3], c[4], c[5]
-  local L = WL[w]
-  if held and kk[L] >= F[L] then  -- a redelivery leaves its own amount out
+  local b = WB[w]
+  local count, total, fraud = m[b + 3], m[b + 4], m[b + 5]
+  if held and kk[WL[w]] >= F[WL[w]] then  -- a redelivery leaves its own amount out
     count = count - 1
     total = total - held[2]
     if held[3] == 1 then fraud = fraud - 1 end
   end
-  out[#out + 1] = string.format('%d %d %.17g %d %d %d %d', count, total, c[6], fraud, c[8],
-    c[9], c[10])
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4] = count, total, m[b + 6], fraud
+  out[o + 5], out[o + 6], out[o + 7] = m[b + 8], m[b + 9], m[b + 10]
+  o = o + 7
 end
 
 -- seconds_since_last, from the ring of the greatest (timestamp, id), greatest first.
@@ -378,11 +383,7 @@ while pos <= #ring do
   end
   pos = pos + 10 + len
 end
-if last ~= nil and last > ts - LOOKBACK then
-  out[#out + 1] = string.format('%.17g', ts - last)
-else
-  out[#out + 1] = ''
-end
+if last ~= nil and last > ts - LOOKBACK then out[o + 1] = ts - last else out[o + 1] = 0 / 0 end
 
 if status == 'new' then
   local gw = {'i' .. txid, struct.pack('<ddd', ts, micro, -1)}
@@ -397,8 +398,8 @@ if status == 'new' then
     end
   end
   for w = 1, NWIN do
-    local c = caches[w]
-    if c[2] == 1 and c[1] - WN[w] + 1 < Fn[WL[w]] then c[2] = 0 end
+    local b = WB[w]
+    if m[b + 2] == 1 and m[b + 1] - WN[w] + 1 < Fn[WL[w]] then m[b + 2] = 0 end
   end
   for L = 1, NLEV do
     local j = kk[L]
@@ -417,11 +418,11 @@ if status == 'new' then
     dirty[L][j] = true
   end
   for w = 1, NWIN do
-    local c, j = caches[w], kk[WL[w]]
-    if c[2] == 1 and c[1] - WN[w] < j and j <= c[1] then
-      c[3] = c[3] + 1
-      c[4] = c[4] + micro
-      if amount > c[6] then c[6] = amount end
+    local b, j = WB[w], kk[WL[w]]
+    if m[b + 2] == 1 and m[b + 1] - WN[w] < j and j <= m[b + 1] then
+      m[b + 3] = m[b + 3] + 1
+      m[b + 4] = m[b + 4] + micro
+      if amount > m[b + 6] then m[b + 6] = amount end
     end
   end
   -- A value counts in its newest tile per level: move its count there.
@@ -443,11 +444,11 @@ if status == 'new' then
           dirty[L][o] = true
         end
         for w = 1, NWIN do
-          local c = caches[w]
-          if WL[w] == L and c[2] == 1 then
-            local edge = c[1] - WN[w]
-            if j > edge then c[7 + s] = c[7 + s] + 1 end
-            if old and o > edge then c[7 + s] = c[7 + s] - 1 end
+          local b = WB[w]
+          if WL[w] == L and m[b + 2] == 1 then
+            local edge = m[b + 1] - WN[w]
+            if j > edge then m[b + 7 + s] = m[b + 7 + s] + 1 end
+            if old and o > edge then m[b + 7 + s] = m[b + 7 + s] - 1 end
           end
         end
       else
@@ -478,7 +479,7 @@ if status == 'new' then
   end
   if dead + 1 > glo then glo = dead + 1 end
 
-  local wr = {'m', write_meta(next_newest, glo, ghi, caches), 'r', ring}
+  local wr = {'m', write_meta(m, next_newest, glo, ghi), 'r', ring}
   for L = 1, NLEV do
     for i, _ in pairs(dirty[L]) do
       if i == 'order' then
@@ -496,44 +497,47 @@ if status == 'new' then
   redis.call('EXPIRE', main, TTL)
   redis.call('EXPIRE', KEYS[3], TTL)
 end
-return table.concat(out, ' ')
+return STATUS[status] .. struct.pack(REPLY, unpack(out, 1, o + 1))
 """
 
 _LABEL = r"""
 -- One entity. KEYS: its windows' hash, the generation of the transaction's timestamp.
--- ARGV: txid, label (1 or 0), the tile of the transaction's timestamp per level.
--- Records the label once for this entity.
+-- ARGV: txid, label (1 or 0). Records the label once for this entity, in the tiles of the
+-- timestamp it recorded.
 local txid, label = ARGV[1], tonumber(ARGV[2])
 local field = 'i' .. txid
 local held = redis.call('HGET', KEYS[2], field)
 if not held then return 'unknown' end
 local ts, micro, old = struct.unpack('<ddd', held)
-local fields = {'m'}
-for L = 1, NLEV do fields[1 + L] = tile_name(L, tonumber(ARGV[2 + L])) end
+local fields, tile = {'m'}, {}
+for L = 1, NLEV do
+  tile[L] = math.floor(ts / WIDTH[L])
+  fields[1 + L] = tile_name(L, tile[L])
+end
 local got = redis.call('HMGET', KEYS[1], unpack(fields))
-local newest, glo, ghi, caches = read_meta(got[1])
+local newest, glo, ghi, m = read_meta(got[1])
 if newest == nil or not (ts > newest - KEEP) then return 'unknown' end
 if old == label then return 'duplicate' end
 local delta = (label == 1 and 1 or 0) - (old == 1 and 1 or 0)
 if delta ~= 0 then
   local wr = {}
   for L = 1, NLEV do
-    local k = tonumber(ARGV[2 + L])
+    local k = tile[L]
     if got[1 + L] and k >= forgotten(L, newest) then
       local t = untile(got[1 + L])
       t[4] = t[4] + delta
       wr[#wr + 1] = fields[1 + L]
       wr[#wr + 1] = pack_tile(t)
       for w = 1, NWIN do
-        local c = caches[w]
-        if WL[w] == L and c[2] == 1 and c[1] - WN[w] < k and k <= c[1] then
-          c[5] = c[5] + delta
+        local b = WB[w]
+        if WL[w] == L and m[b + 2] == 1 and m[b + 1] - WN[w] < k and k <= m[b + 1] then
+          m[b + 5] = m[b + 5] + delta
         end
       end
     end
   end
   wr[#wr + 1] = 'm'
-  wr[#wr + 1] = write_meta(newest, glo, ghi, caches)
+  wr[#wr + 1] = write_meta(m, newest, glo, ghi)
   redis.call('HSET', KEYS[1], unpack(wr))
   redis.call('EXPIRE', KEYS[1], TTL)
 end
@@ -575,6 +579,8 @@ class RedisTiledStore(RedisStore):
         self._levels = levels(config)
         #: Seconds of event time per generation of ids and values.
         self._span = math.ceil(config.keep + self._levels[-1][0])
+        #: The observe script's reply after its status letter.
+        self._reply = struct.Struct(f"<{7 * len(config.windows) + 1}d")
         header = self._header()
         self._observe_source = header + _LIB + _OBSERVE
         self._label_source = header + _LIB + _LABEL
@@ -587,11 +593,19 @@ class RedisTiledStore(RedisStore):
         def table(values: Sequence[object]) -> str:
             return "{" + ", ".join(str(value) for value in values) + "}"
 
+        nlev, nwin = len(self._levels), len(config.windows)
         constants = {
-            "NLEV": len(self._levels),
+            "NLEV": nlev,
             "WIDTH": table([width for width, _ in self._levels]),
             "LKEEP": table([repr(float(keep)) for _, keep in self._levels]),
-            "NWIN": len(config.windows),
+            "NWIN": nwin,
+            "WB": table([3 + 10 * w for w in range(nwin)]),
+            "NMETA": 3 + 10 * nwin,
+            "META": f"'<{'d' * (3 + 10 * nwin)}'",
+            "TILE": "'<ddddddd'",
+            "VALUES": f"'<{'d' * nlev}'",
+            "REPLY": f"'<{'d' * (7 * nwin + 1)}'",
+            "STATUS": "{new = 'n', dup = 'd', late = 'l'}",
             "WL": table([level_of[tile_width(window)] for window in config.windows]),
             "WN": table([window // tile_width(window) for window in config.windows]),
             "LATENESS": repr(float(config.allowed_lateness)),
@@ -603,6 +617,49 @@ class RedisTiledStore(RedisStore):
             "RING": RING,
         }
         return "".join(f"local {name} = {value}\n" for name, value in constants.items())
+
+    def _features(
+        self,
+        replies: list[bytes],
+        event: Event,
+        pairs: list[tuple[str, str]],
+        needed: frozenset[str] | None,
+    ) -> Features:
+        """The entity scripts' replies as each entity's features: a status letter, then
+        doubles (`_OBSERVE`'s reply)."""
+        txid = event.transaction_id
+        features: Features = {}
+        duplicate: list[str] = []
+        unpack = self._reply.unpack_from
+        for reply, (kind, _) in zip(replies, pairs, strict=True):
+            status = reply[:1]
+            if status == b"d":
+                duplicate.append(kind)
+            elif status == b"l":
+                log.warning(
+                    "transaction %s is more than %.0f s behind the newest of its %s: "
+                    "scored, not recorded for it",
+                    txid,
+                    self.config.allowed_lateness,
+                    kind,
+                )
+            values = unpack(reply, 1)
+            raws: list[base.Raw] = []
+            for at in range(0, len(values) - 1, 7):
+                c, s, h, f, t, m, n = values[at : at + 7]
+                raws.append((int(c), int(s), h, int(f), int(t), int(m), int(n)))
+            gap = values[-1]
+            features[kind] = base.select(
+                self._builder.build(kind, event.amount, raws, None if math.isnan(gap) else gap),
+                needed,
+            )
+        if duplicate:
+            log.info(
+                "transaction %s already recorded for %s: scored, not counted again",
+                txid,
+                ", ".join(duplicate),
+            )
+        return features
 
     def _tiles(self, timestamp: float) -> list[str]:
         """The tile of a timestamp at each level, as the scripts take them."""
@@ -661,19 +718,28 @@ class RedisTiledStore(RedisStore):
             scripts.append((keys, args))
         return scripts, "\0".join(f"{kind}:{ident}" for kind, ident in pairs)
 
-    def record_label(self, transaction_id: str, is_fraud: bool) -> LabelOutcome:
-        """See `detector.state.StateStore.record_label`: the index, then each entity."""
-        client = self._guard("label", self._connect)
-        index = self._guard("label", lambda: client.get(self._index(transaction_id)))
+    def record_label(
+        self, transaction_id: str, is_fraud: bool, place: base.LabelPlace | None = None
+    ) -> LabelOutcome:
+        """See `detector.state.StateStore.record_label`: each entity `place` names, else
+        those of the label index's entry (one more round trip). The entity's generation is
+        the one of the given timestamp; its tiles, those of the timestamp it recorded."""
+        entities: Sequence[tuple[str, str]] = ()
+        if place is not None:
+            ts, entities = place
+        else:
+            client = self._guard("label", self._connect)
+            index = self._guard("label", lambda: client.get(self._index(transaction_id)))
+            if index is not None:
+                stamp, *named = index.decode().split("\0")
+                ts = float(stamp)
+                entities = [(kind, ident) for kind, _, ident in (e.partition(":") for e in named)]
         outcomes: set[str] = set()
-        if index is not None:
-            stamp, *entities = index.decode().split("\0")
-            ts = float(stamp)
-            args = [transaction_id, "1" if is_fraud else "0", *self._tiles(ts)]
+        if entities:
+            args = [transaction_id, "1" if is_fraud else "0"]
 
             def queue(pipe: Any) -> None:
-                for entity in entities:
-                    kind, _, ident = entity.partition(":")
+                for kind, ident in entities:
                     start = self._entity(kind, ident)
                     keys = [start + "t", self._generation(start, ts)]
                     self._label(keys=keys, args=args, client=pipe)

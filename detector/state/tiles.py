@@ -5,9 +5,10 @@ transactions and scan them; their cost grows with an entity's history. Here an e
 time tiles instead, as feature stores do (Feast's tiles, Chronon's sawtooth windows): each
 tile holds the count, amount sum, amount max and fraud count of the transactions in it, so a
 window costs a bounded number of tile reads whatever the entity's volume. This module holds
-the definition; `detector.state.redis_tiled` implements it in Redis (single node or cluster),
-checked against a brute-force reading of this text in `tests/state/test_redis_tiled.py`. The
-memory store's twin and the switch of the default features to tiles are still to come.
+the definition; `detector.state.memory_tiled` implements it in process memory and
+`detector.state.redis_tiled` in Redis (single node or cluster), both checked against a
+brute-force reading of this text in `tests/state/test_tiled.py`. It is the default
+(`StateConfig.tiled`); the exact stores remain for models trained on exact windows.
 
 Definition. Features are those of `detector.state.base` (`feature_names`), built by the same
 `FeatureBuilder` from raw window aggregates; only what a window holds differs.

@@ -29,6 +29,7 @@ from detector.functions.runtime import CollectorPolicy, bound_collector_pauses
 from detector.functions.service import Message, Service, dead_letter_attributes
 from detector.functions.settings import Settings
 from detector.functions.sinks import MemoryVerdictSink
+from detector.state import Event, TiledMemoryStore
 from stack.services import free_port
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -194,6 +195,40 @@ def test_invalid_labels_are_dead_lettered(service: Service, sink: MemoryVerdictS
     assert topic == "projects/fraud-test/topics/fraud-feedback-dead-letter"
     assert attributes["error_type"] == "invalid_label"
     assert "is_fraud" in attributes["error"]
+
+
+def test_a_label_with_its_transactions_time_and_parties_goes_to_them(
+    service: Service, sink: MemoryVerdictSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chargeback that names the transaction's time and entities reaches them without the
+    label index (here forgotten), and the terminal's next transaction counts the fraud; one
+    naming only the id needs the index."""
+    tx = b'{"transaction_id": "x1", "amount": 5, "customer_id": "c1", "terminal_id": "t1", '
+    tx += b'"timestamp": "2026-11-29T11:50:00Z"}'
+    service.on_transaction(envelope(tx))
+    store = service.detector.store
+    assert isinstance(store, TiledMemoryStore)
+    monkeypatch.setattr(store, "_index", {})  # as if the index had let the id go
+    assert service.on_label(envelope(b'{"transaction_id": "x1", "is_fraud": true}')) == "unknown"
+    chargeback = {
+        "transaction_id": "x1",
+        "is_fraud": True,
+        "timestamp": "2026-11-29T11:50:00Z",
+        "customer_id": "c1",
+        "terminal_id": "t1",
+    }
+    assert service.on_label(envelope(orjson.dumps(chargeback))) == "applied"
+    assert service.on_label(envelope(orjson.dumps(chargeback))) == "duplicate"
+    later = datetime(2026, 11, 29, 11, 55, tzinfo=UTC).timestamp()
+    features = store.observe(Event("x2", later, 1.0, "c1", terminal="t1"))
+    assert features["terminal"]["fraud_count_30d"] == 1.0  # what the default rules read
+    for field, value in [("timestamp", "2026-11-29T11:50:00"), ("customer_id", 7)]:
+        sink.messages.clear()
+        bad = {**chargeback, field: value}  # no time zone; not a string
+        assert service.on_label(envelope(orjson.dumps(bad))) is None
+        [(_, _, attributes)] = sink.messages
+        assert attributes["error_type"] == "invalid_label"
+        assert field in attributes["error"]
 
 
 def test_unreachable_redis_fails_the_message_so_it_is_redelivered(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import socket
@@ -26,6 +27,7 @@ from detector.state import (
     MemoryStore,
     StateConfig,
     StateStore,
+    TiledMemoryStore,
     feature_names,
     open_store,
     window_name,
@@ -33,6 +35,7 @@ from detector.state import (
 from detector.state.base import entities_of, micros
 from detector.state.memory import SWEEP_SLICE
 from detector.state.redis_store import RedisStore, redact
+from detector.state.redis_tiled import RedisTiledStore
 from detector.vocabulary import parse_duration
 from stack.services import unique
 from tests.helpers.state import PROPERTY_CONFIG, needed_features, streams
@@ -794,9 +797,18 @@ def test_redact_hides_only_the_password(url: str, shown: str) -> None:
     assert redact(url) == shown
 
 
-def test_open_store_picks_memory_without_url() -> None:
-    """No REDIS_URL: state lives in process memory."""
-    assert isinstance(open_store(SMALL, None), MemoryStore)
+@pytest.mark.parametrize("tiled", [True, False])
+def test_open_store_picks_the_configured_windows_in_memory_or_redis(
+    redis_url: str, tiled: bool
+) -> None:
+    """No REDIS_URL: state lives in process memory; tiled windows unless configured exact."""
+    config = dataclasses.replace(SMALL, tiled=tiled)
+    memory = open_store(config, None)
+    assert type(memory) is (TiledMemoryStore if tiled else MemoryStore)
+    shared = open_store(config, redis_url, prefix=unique("pick") + ":")
+    assert type(shared) is (RedisTiledStore if tiled else RedisStore)
+    assert shared.prefix.startswith("pick")  # type: ignore[attr-defined]
+    shared.close()
 
 
 def test_distinct_counts_stay_exact_when_first_asked_late(make_store: Factory) -> None:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from detector.state import Event, LabelOutcome, StateConfig
+from detector.state import Event, LabelOutcome, LabelPlace, StateConfig
 from detector.state.base import (
     DISTINCT,
     FeatureBuilder,
@@ -21,7 +21,7 @@ from detector.state.base import (
     entities_of,
     micros,
 )
-from detector.state.memory_tiled import TiledMemoryStore
+from detector.state.memory_tiled import NATIVE_TILES, TiledMemoryStore
 from detector.state.redis_tiled import RedisTiledStore
 from detector.state.tiles import RING, tile_width
 from stack.services import unique
@@ -36,18 +36,24 @@ Store = TiledMemoryStore | RedisTiledStore
 Factory = Callable[[StateConfig], Store]
 
 
-@pytest.fixture(params=["memory", *REDIS_SERVERS])
+def test_the_c_entities_are_used_where_built() -> None:
+    assert TiledMemoryStore().native is NATIVE_TILES
+    assert not TiledMemoryStore(native=False).native
+
+
+@pytest.fixture(params=["memory-c", "memory-python", *REDIS_SERVERS])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Factory]:
     """Builds tiled stores of one kind, each Redis one under a fresh key prefix."""
     opened: list[Store] = []
-    url = (
-        None if request.param == "memory" else request.getfixturevalue(REDIS_SERVERS[request.param])
-    )
+    if request.param == "memory-c" and not NATIVE_TILES:
+        pytest.skip("make native: the C tiles are not built")
+    memory = request.param.startswith("memory")
+    url = None if memory else request.getfixturevalue(REDIS_SERVERS[request.param])
 
     def factory(config: StateConfig) -> Store:
         store: Store
         if url is None:
-            store = TiledMemoryStore(config)
+            store = TiledMemoryStore(config, native=request.param == "memory-c")
         else:
             store = RedisTiledStore(config, url, prefix=unique("tiled") + ":")
         opened.append(store)
@@ -73,6 +79,7 @@ class _Reference:
             self.horizon[width] = longest + config.allowed_lateness
         self.recorded: dict[tuple[str, str], dict[str, tuple[Event, int]]] = {}
         self.index: dict[str, list[tuple[str, str]]] = {}
+        self.times: dict[str, float] = {}
         # The memory store may forget an entity whose newest is the retention behind the
         # newest recorded anywhere: from then on its features are not predicted there.
         self.latest = -math.inf
@@ -150,6 +157,7 @@ class _Reference:
                 rows[event.transaction_id] = (event, -1)
                 self.latest = max(self.latest, event.timestamp)
         self.index[event.transaction_id] = entities_of(event)
+        self.times[event.transaction_id] = event.timestamp
         return out, idle
 
     def record_label(self, txid: str, is_fraud: bool) -> tuple[LabelOutcome, bool]:
@@ -194,11 +202,15 @@ def scaled_streams(draw: st.DrawFn) -> tuple[StateConfig, list[tuple[str, object
     max_examples=60,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(case=scaled_streams(), batched=st.booleans())
+@given(case=scaled_streams(), batched=st.booleans(), placed=st.booleans())
 def test_features_and_labels_follow_the_tiled_definition(
-    make_store: Factory, case: tuple[StateConfig, list[tuple[str, object]]], batched: bool
+    make_store: Factory,
+    case: tuple[StateConfig, list[tuple[str, object]]],
+    batched: bool,
+    placed: bool,
 ) -> None:
-    """Any stream gives the reference's features and label outcomes, one by one or in batches."""
+    """Any stream gives the reference's features and label outcomes, one by one or in batches,
+    labels through the index or placed as a chargeback places them."""
     config, steps = case
     reference = _Reference(config)
     store = make_store(config)
@@ -228,7 +240,10 @@ def test_features_and_labels_follow_the_tiled_definition(
             assert isinstance(step, tuple)
             txid, is_fraud = step
             outcome, predicted = reference.record_label(txid, is_fraud)
-            got = store.record_label(txid, is_fraud)
+            place = None
+            if placed and txid in reference.times:  # as a chargeback gives it: no index
+                place = LabelPlace(reference.times[txid], tuple(reference.index[txid]))
+            got = store.record_label(txid, is_fraud, place)
             assert got == outcome or (forgets and not predicted)
     flush()
 
