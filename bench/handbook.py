@@ -183,7 +183,7 @@ def run(quick: bool, out: Path, fresh: bool) -> tuple[Metrics, dict[str, float]]
             until=chosen.train_until,
             since=chosen.train_since,
             label_delay=delay,
-            version=f"handbook-{chosen.train_until:%Y-%m-%d}{'-quick' if quick else ''}",
+            version=f"handbook-{chosen.train_until:%Y-%m-%d}-tiles{'-quick' if quick else ''}",
             params=chosen.params,
             progress=lambda n: log(f"train: {n:,} transactions replayed"),
         )

@@ -66,10 +66,13 @@ def load_risk_model(config: DetectorConfig) -> RiskModel | None:
 
 
 def state_config(model: RiskModel | None) -> StateConfig:
-    """The default windows plus any window the model's features read (e.g. 8d)."""
+    """The default windows plus any window the model's features read (e.g. 8d), tiled unless
+    the model was trained on exact windows."""
     if model is None:
         return StateConfig()
-    return StateConfig(windows=(*DEFAULT_WINDOWS, *windows_of(model.variables)))
+    return StateConfig(
+        windows=(*DEFAULT_WINDOWS, *windows_of(model.variables)), tiled=model.state == "tiled"
+    )
 
 
 def load_rules(config: DetectorConfig, state: StateConfig) -> Ruleset:

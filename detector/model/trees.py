@@ -7,6 +7,7 @@ imports neither numpy nor a boosting library and starts fast. An artifact looks 
      "version": "handbook-2026-11-29",           # becomes the verdict's model_version
      "features": ["amount", "by_customer.mean_30d", "by_terminal.fraud_share_30d", ...],
      "missing": -1.0,                             # value of an absent feature
+     "state": "tiled",                            # window features trained on (absent: "exact")
      "trees": [{"feature": [0, 2, -1, ...],       # per node; -1 marks a leaf
                 "threshold": [220.0, 0.5, 0.0, ...],
                 "left": [1, ...], "right": [2, ...],
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
     from detector.model._forest import Forest
 
 FORMAT = "fraud-detector-trees/1"
+
+#: The window features an artifact may say it was trained on (`StateConfig.tiled`).
+STATES = ("tiled", "exact")
 #: How many features a verdict names.
 TOP_FACTORS = 3
 #: Transaction fields a model may read directly (numbers only).
@@ -132,6 +136,7 @@ class TreeModel:
         missing: float = -1.0,
         metadata: Mapping[str, Any] | None = None,
         *,
+        state: str = "tiled",
         native: bool = True,
         nesting_max: int = NESTING_MAX,
     ) -> None:
@@ -147,6 +152,9 @@ class TreeModel:
         self._indexes = range(len(self.features))
         self.missing = missing
         self.metadata = dict(metadata or {})
+        #: The window features it was trained on: "tiled", or "exact" (artifacts from
+        #: before tiles): the detector computes the same ones (`StateConfig.tiled`).
+        self.state = state
         self.trees = tuple(trees)
         self.bias = sum(tree.value[0] for tree in self.trees)
         self._credits = [_leaf_credits(tree) for tree in self.trees]
@@ -291,6 +299,7 @@ class TreeModel:
                 "version": self.version,
                 "features": list(self.features),
                 "missing": self.missing,
+                "state": self.state,
                 "trees": [
                     {
                         "feature": t.feature,
@@ -470,6 +479,9 @@ def parse_model(data: bytes, source: str = "<model>") -> TreeModel:
     missing = doc.get("missing", -1.0)
     if isinstance(missing, bool) or not isinstance(missing, int | float):
         problems.append(f"missing: must be a number, got {missing!r}")
+    state = doc.get("state", "exact")
+    if state not in STATES:
+        problems.append(f"state: must be one of {', '.join(STATES)}, got {state!r}")
     raw_trees = doc.get("trees")
     trees: list[Tree] = []
     if not isinstance(raw_trees, list) or not raw_trees:
@@ -489,6 +501,7 @@ def parse_model(data: bytes, source: str = "<model>") -> TreeModel:
         trees,
         float(missing),
         metadata if isinstance(metadata, dict) else None,
+        state=str(state),
     )
 
 

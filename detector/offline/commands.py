@@ -28,10 +28,12 @@ from detector.config import (
 )
 from detector.engine import Detector
 from detector.errors import InputError
+from detector.model.trees import STATES
 from detector.offline.labels import parse_time, read_labels
 from detector.offline.parallel import replay_file, workers_for
 from detector.offline.replay import open_input, open_output, replay_path, summary
 from detector.offline.train import Params, train
+from detector.state import open_store
 from detector.vocabulary import parse_duration
 
 __all__ = ["add_replay", "add_train", "offline_detector"]
@@ -95,7 +97,8 @@ def _replay_on_redis(
 
     config = DetectorConfig(rules_file=args.rules, model_path=args.model)
     model = load_risk_model(config)
-    store = RedisStore(state_config(model), args.redis_url, prefix=f"replay-{uuid.uuid4().hex}:")
+    store = open_store(state_config(model), args.redis_url, prefix=f"replay-{uuid.uuid4().hex}:")
+    assert isinstance(store, RedisStore)  # the tiled one is a subclass
     try:
         store.check()
         detector = Detector(load_rules(config, store.config), store, model)
@@ -185,6 +188,7 @@ def _train(args: argparse.Namespace) -> int:
             label_delay=delay,
             version=args.version,
             params=params,
+            state=args.state,
             progress=progress,
         )
     try:
@@ -219,4 +223,10 @@ def add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--min-child-samples", type=int, default=Params.min_child_samples, help="leaf size"
     )
     parser.add_argument("--seed", type=int, default=Params.seed, help="random seed")
+    parser.add_argument(
+        "--state",
+        choices=STATES,
+        default="tiled",
+        help="window features to train on: tiled (default) or exact, as models before tiles",
+    )
     parser.set_defaults(run=_train)

@@ -47,7 +47,7 @@ from typing import IO, Any
 from detector.engine import Detector
 from detector.errors import InputError, MessageError
 from detector.offline.replay import Outcome, Replayer, replay_path
-from detector.state import MemoryStore
+from detector.state import MemoryStore, TiledMemoryStore
 from detector.transaction import decode
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ShardResult:
 def horizon(detector: Detector, label_delay: float) -> float:
     """Seconds of history a shard needs before its first line (see the module docstring)."""
     store = detector.store
-    if not isinstance(store, MemoryStore):
+    if not isinstance(store, MemoryStore | TiledMemoryStore):
         raise InputError("a parallel replay needs the memory store")
     config = store.config
     return max(config.keep + config.allowed_lateness, label_delay)
@@ -377,6 +377,7 @@ def merge(results: list[ShardResult], output: IO[bytes] | None) -> Outcome:
         outcome = result.outcome
         total.transactions += outcome.transactions
         total.labels_injected += outcome.labels_injected
+        total.labels_unknown += outcome.labels_unknown
         total.decisions.update(outcome.decisions)
         total.cpu_seconds += outcome.cpu_seconds
         total.invalid += outcome.invalid
@@ -431,7 +432,7 @@ def replay_file(
     instead, what failed.
     """
     history = horizon(detector, label_delay)
-    assert isinstance(detector.store, MemoryStore)
+    assert isinstance(detector.store, MemoryStore | TiledMemoryStore)
     lateness = detector.store.config.allowed_lateness
     started = time.perf_counter()
     shards = plan(path, workers, history, until.timestamp() if until is not None else None)

@@ -28,7 +28,7 @@ from detector.errors import InputError
 from detector.model import Tree, TreeModel, vector
 from detector.offline.labels import KnownLabel, merge_labels
 from detector.offline.replay import Stream
-from detector.state import MemoryStore
+from detector.state import memory_store
 
 __all__ = ["DEFAULT_FEATURES", "MISSING", "Params", "examples", "fit", "train", "training_detector"]
 
@@ -78,18 +78,21 @@ class _TrainingReads:
 
     version = "training"
 
-    def __init__(self, features: Sequence[str]) -> None:
+    def __init__(self, features: Sequence[str], state: str) -> None:
         self.variables = frozenset(features)
+        self.state = state
 
     def score(self, activation: Mapping[str, Any]) -> tuple[float, list[Any]]:
         raise AssertionError("not a model")  # pragma: no cover
 
 
-def training_detector(features: Sequence[str]) -> Detector:
-    """A detector over a fresh memory store that computes `features` (and the rules' own)."""
-    config = state_config(_TrainingReads(features))  # the windows live scoring will use
+def training_detector(features: Sequence[str], state: str = "tiled") -> Detector:
+    """A detector over a fresh memory store that computes `features` (and the rules' own)
+    from `state` windows ("tiled" or "exact")."""
+    reads = _TrainingReads(features, state)
+    config = state_config(reads)  # the windows live scoring will use
     rules = load_rules(DetectorConfig(), config)
-    return Detector(rules, MemoryStore(config), model=_TrainingReads(features))
+    return Detector(rules, memory_store(config), model=reads)
 
 
 def examples(
@@ -100,13 +103,14 @@ def examples(
     since: datetime | None = None,
     label_delay: float,
     features: Sequence[str] = DEFAULT_FEATURES,
+    state: str = "tiled",
     progress: Any = None,
 ) -> tuple[list[list[float]], list[int]]:
     """Feature rows and targets of the labelled transactions in [since, until).
 
     The stream is replayed from its start (state needs the history) and stops at `until`.
     """
-    detector = training_detector(features)
+    detector = training_detector(features, state)
     store = detector.store
     assert store is not None
     first = since.timestamp() if since is not None else float("-inf")
@@ -175,8 +179,10 @@ def fit(
     version: str,
     params: Params = Params(),
     metadata: Mapping[str, Any] | None = None,
+    state: str = "tiled",
 ) -> TreeModel:
-    """Fit LightGBM on the rows and export the ensemble as a `TreeModel`.
+    """Fit LightGBM on the rows (features from `state` windows) and export the ensemble as
+    a `TreeModel`.
 
     Raises:
         InputError: no examples, or only one class among them; or the export does not
@@ -227,7 +233,7 @@ def fit(
             "min_child_samples": params.min_child_samples,
         },
     )
-    model = TreeModel(version, features, trees, MISSING, info)
+    model = TreeModel(version, features, trees, MISSING, info, state=state)
     # The artifact must score exactly like LightGBM: check a sample.
     step = max(1, len(rows) // 2000)
     sample = x[::step]
@@ -264,6 +270,7 @@ def train(
     version: str,
     params: Params = Params(),
     features: Sequence[str] = DEFAULT_FEATURES,
+    state: str = "tiled",
     progress: Any = None,
 ) -> TreeModel:
     """Replay, fit and export; see the module docstring."""
@@ -274,6 +281,7 @@ def train(
         since=since,
         label_delay=label_delay,
         features=features,
+        state=state,
         progress=progress,
     )
     metadata = {
@@ -281,4 +289,4 @@ def train(
         "until": until.isoformat(),
         "label_delay_seconds": label_delay,
     }
-    return fit(rows, targets, features, version, params, metadata)
+    return fit(rows, targets, features, version, params, metadata, state)

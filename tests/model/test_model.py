@@ -23,7 +23,7 @@ from detector.model import (
     parse_model,
     vector,
 )
-from detector.state import MemoryStore
+from detector.state import MemoryStore, TiledMemoryStore
 
 FEATURES = ["amount", "by_customer.mean_30d", "by_terminal.fraud_count_30d"]
 
@@ -309,6 +309,7 @@ def broken(**changes: Any) -> bytes:
         (broken(version=""), "version: must be a non-empty string"),
         (broken(features=["amount", "os.system"]), "features[1]: must be one of"),
         (broken(trees=[]), "trees: must be a non-empty list"),
+        (broken(state="sketch"), "state: must be one of tiled, exact, got 'sketch'"),
         (
             broken(trees=[{**ARTIFACT["trees"][1], "left": [0, -1, -1]}]),
             "trees[0]: node 0 has child 0, outside (0, 3)",
@@ -404,6 +405,24 @@ def test_windows_the_model_reads_are_added_to_the_state(tmp_path: Path) -> None:
     assert isinstance(detector.store, MemoryStore)
     assert 8 * 86400 in detector.store.config.windows
     assert "by_terminal.fraud_count_8d" in detector.model.variables  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("state", "store"), [("tiled", TiledMemoryStore), ("exact", MemoryStore)])
+def test_the_store_computes_the_windows_the_model_was_trained_on(
+    tmp_path: Path, state: str, store: type
+) -> None:
+    """An artifact says which window features it learned from; one from before tiles, none."""
+    doc = orjson.loads(orjson.dumps(ARTIFACT))
+    if state == "tiled":
+        doc["state"] = "tiled"
+    path = tmp_path / "model.json"
+    path.write_bytes(orjson.dumps(doc))
+    model = load_model(path)
+    assert model.state == state
+    assert parse_model(model.to_json()).state == state
+    detector = build_detector(DetectorConfig(model_path=str(path)))
+    assert type(detector.store) is store
+    assert detector.store.config.tiled is (state == "tiled")  # type: ignore[union-attr]
 
 
 @pytest.mark.integration
