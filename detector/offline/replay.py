@@ -39,6 +39,7 @@ from detector.engine import Detector
 from detector.errors import InputError, MessageError
 from detector.offline.evaluate import auc_roc, average_precision
 from detector.offline.labels import Timed
+from detector.state import LabelOutcome
 from detector.transaction import Transaction, decode
 
 __all__ = [
@@ -148,6 +149,8 @@ class Outcome:
 
     transactions: int = 0
     labels_injected: int = 0
+    #: Injected labels that no entity could count any more (`LabelOutcome.UNKNOWN`).
+    labels_unknown: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -211,6 +214,8 @@ class Replayer:
         self.early: list[tuple[float, int, str, bool]] = []
         self.sequence = 0
         self._record_label = detector.record_label if detector.store is not None else None
+        #: Labels the store could not count (unknown to every entity), since the start.
+        self.unknown = 0
 
     def _inject(self, when: float) -> int:
         """Record in the store the labels known by event time `when`; how many there were."""
@@ -225,8 +230,11 @@ class Replayer:
                 label = heapq.heappop(early)
             else:
                 return count
-            if record_label is not None:
-                record_label(label[2], label[3])
+            if (
+                record_label is not None
+                and record_label(label[2], label[3]) is LabelOutcome.UNKNOWN
+            ):
+                self.unknown += 1
             count += 1
 
     def _expect(self, when: float, transaction_id: str, fraud: bool) -> None:
@@ -291,6 +299,7 @@ class Replayer:
         count, labelled, frauds = outcome.transactions, outcome.labelled, outcome.frauds
         flagged, blocked = outcome.flagged_frauds, outcome.blocked_frauds
         injected = outcome.labels_injected
+        unknown = self.unknown
         started = time.perf_counter()
         cpu_started = time.process_time()
         try:
@@ -337,6 +346,7 @@ class Replayer:
         finally:
             outcome.transactions = count
             outcome.labels_injected = injected
+            outcome.labels_unknown += self.unknown - unknown
             outcome.labelled = labelled
             outcome.frauds = frauds
             outcome.flagged_frauds = flagged
@@ -418,6 +428,11 @@ def summary(outcome: Outcome) -> str:
         lines.append(
             f"labels: {outcome.labelled:,} transactions labelled, {outcome.frauds:,} fraud; "
             f"{outcome.labels_injected:,} labels injected into the state"
+            + (
+                f", {outcome.labels_unknown:,} of them too late to count (logged)"
+                if outcome.labels_unknown
+                else ""
+            )
         )
         lines.append(
             f"review+block: precision {_ratio(outcome.flagged_frauds, flagged)}, "

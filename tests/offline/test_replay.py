@@ -216,6 +216,30 @@ def test_invalid_lines_are_counted_not_fatal(tmp_path: Path) -> None:
     assert "2 invalid (skipped)" in summary(outcome)
 
 
+def test_labels_too_late_to_count_are_counted_in_the_summary() -> None:
+    """A label known after its transaction left every entity's retention counts nowhere: the
+    summary says how many, beside those injected."""
+
+    def line(txid: str, day: int) -> bytes:
+        moment = dt.datetime(2018, 7, 1, tzinfo=dt.UTC) + dt.timedelta(days=day)
+        return orjson.dumps(
+            {
+                "transaction_id": txid,
+                "timestamp": moment.isoformat(),
+                "customer_id": "c",
+                "amount": 5,
+            }
+        )
+
+    lines = [line("a", 0), line("b", 31), line("c", 40), line("d", 41)]
+    labels = {"a": True, "b": False}
+    outcome = replay(offline_detector(None, "none"), lines, labels=labels, label_delay=38 * DAY)
+    assert (outcome.labels_injected, outcome.labels_unknown) == (1, 1)  # a's, at c's time
+    assert "1 labels injected into the state, 1 of them too late to count" in summary(outcome)
+    outcome = replay(offline_detector(None, "none"), lines, labels=labels, label_delay=DAY)
+    assert (outcome.labels_injected, outcome.labels_unknown) == (2, 0)
+
+
 def test_replay_output_is_deterministic_without_ids() -> None:
     """Transactions without id or timestamp get line-numbered ids and the previous event time."""
     lines = [
