@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/bench_replay.py [--quick] [--workers 1,2] [--rounds N]
            [--input tx.jsonl --labels labels.jsonl] [--until 2018-08-14] [--label-delay 7d]
+           [--models default,other.json]
 
 Without --input it replays the handbook-scale simulation in out/rp/ (5,000 customers, 10,000
 terminals, 183 days; written by ``python -m publisher simulate`` the first time), up to
@@ -10,7 +11,10 @@ rules, labels 7 days late. Each run is ``python -m detector replay ... --workers
 fresh process; rounds alternate the worker counts. The table gives the rate the replay
 reports (transactions per wall second of the replay itself, after loading the labels), the
 rate per CPU second, the peak resident memory of the largest process, and whether the
-verdicts are byte-identical to the first run's. Issue #4 asks for 20,000 transactions/s.
+verdicts are byte-identical to the first run's of the same model. ``--models`` replays with
+each model in turn (``default`` is the bundled one): a model trained on exact windows runs the
+exact memory store, so the table compares the stores in one run. Issue #4 asks for 20,000
+transactions/s.
 
 ``--quick`` replays a 20-day simulation of 300 customers (the smoke test).
 """
@@ -53,6 +57,7 @@ def simulate(folder: Path, *options: str) -> tuple[Path, Path]:
 
 @dataclass
 class Run:
+    model: str
     workers: int
     processes: int
     transactions: int
@@ -63,7 +68,7 @@ class Run:
     digest: str
 
 
-def run(args: argparse.Namespace, workers: int, output: Path) -> Run:
+def run(args: argparse.Namespace, model: str, workers: int, output: Path) -> Run:
     """One replay in a fresh process: its reported rates and its peak memory."""
     command = [
         sys.executable, "-m", "detector", "replay", "--input", str(args.input),
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace, workers: int, output: Path) -> Run:
     ]  # fmt: skip
     if args.until:
         command += ["--until", args.until]
+    if model != "default":
+        command += ["--model", model]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
@@ -87,6 +94,7 @@ def run(args: argparse.Namespace, workers: int, output: Path) -> Run:
         raise SystemExit(f"no rate in the replay's summary:\n{out}")
     count, seconds, rate, cpu_rate, processes = match.groups()
     return Run(
+        model,
         workers,
         int(processes or 1),
         int(count.replace(",", "")),
@@ -107,6 +115,9 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, help="labels (default: out/rp/labels.jsonl)")
     parser.add_argument("--until", help="stop time (default 2018-08-14; none with --quick)")
     parser.add_argument("--label-delay", default="7d")
+    parser.add_argument(
+        "--models", default="default", help="models to replay with, in turn (default: bundled)"
+    )
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     scratch = tempfile.TemporaryDirectory(prefix="bench-replay-")
@@ -123,20 +134,25 @@ def main() -> None:
     size = args.input.stat().st_size / 1e6
     print(f"- input: {args.input.name}, {size:.0f} MB; until {args.until or 'the end'}")
     print()
+    models = [model.strip() for model in args.models.split(",")]
     runs = []
     for _ in range(args.rounds):
-        for workers in counts:
-            result = run(args, workers, folder / f"verdicts-{workers}.jsonl")
-            runs.append(result)
-            print(
-                f"  --workers {workers}: {result.rate:,} tx/s in {result.seconds} s",
-                file=sys.stderr,
-                flush=True,
-            )
-    first = runs[0]
-    baseline = statistics.mean(r.rate for r in runs if r.workers == counts[0])
+        for number, model in enumerate(models):
+            for workers in counts:
+                result = run(args, model, workers, folder / f"verdicts-{number}-{workers}.jsonl")
+                runs.append(result)
+                print(
+                    f"  {model} --workers {workers}: {result.rate:,} tx/s in {result.seconds} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    first = {model: next(r for r in runs if r.model == model) for model in models}
+    baseline = statistics.mean(
+        r.rate for r in runs if r.workers == counts[0] and r.model == models[0]
+    )
     rows = [
         (
+            Path(r.model).name,
             r.workers,
             r.processes,
             f"{r.transactions:,}",
@@ -145,12 +161,13 @@ def main() -> None:
             f"{r.cpu_rate:,}",
             f"{r.rate / baseline:.2f}x",
             f"{r.peak_mb:.0f}",
-            "yes" if r.digest == first.digest else "NO",
+            "yes" if r.digest == first[r.model].digest else "NO",
         )
         for r in runs
     ]
-    head = ["--workers", "processes", "transactions", "seconds", "tx/s", "tx/s of CPU"]
-    print(_report.table([*head, f"vs {counts[0]}", "peak MB", "same verdicts"], rows))
+    head = ["model", "--workers", "processes", "transactions", "seconds", "tx/s", "tx/s of CPU"]
+    vs = f"vs {Path(models[0]).name} {counts[0]}"
+    print(_report.table([*head, vs, "peak MB", "same verdicts"], rows))
     best = max(r.rate for r in runs)
     print()
     print(

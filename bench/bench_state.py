@@ -9,9 +9,14 @@ later labelled fraudulent. Events are generated a day at a time outside the time
     .venv/bin/python bench/bench_state.py --redis    # also Redis on a throwaway redis-server
     .venv/bin/python bench/bench_state.py --quick    # seconds: the smoke test
 
-Prints per-event cost of observe() and record_label(), throughput and peak RSS. The memory
-store runs twice where `make native` built its C histories: with them, then in Python lists
-(as in a Cloud Functions upload), each on a fresh store, with the ratio of the two.
+Prints per-event cost of observe() and record_label(), throughput, and memory. Each memory
+store runs in a process of its own (forked, so peak RSS is its own): the tiled store (the
+default, `detector.state.memory_tiled`) and the exact one, each with its C part where `make
+native` built it and in Python (as in a Cloud Functions upload), with the ratios. Memory per
+retained transaction is the process's peak RSS less its RSS before the stream, over the
+transactions the retention holds at the end (30 days and an hour of them).
+
+    .venv/bin/python bench/bench_state.py --stores tiled-c,exact-c   # only these
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import multiprocessing
 import random
 import resource
 import sys
@@ -27,11 +33,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detector.errors import TransientError
-from detector.state import Event, MemoryStore, StateConfig, StateStore, feature_names
+from detector.state import (
+    Event,
+    MemoryStore,
+    StateConfig,
+    StateStore,
+    TiledMemoryStore,
+    feature_names,
+    open_store,
+)
 from detector.vocabulary import DAY
 from stack.services import redis_server
 
@@ -81,16 +96,56 @@ class Result:
     labels: int
     label_seconds: float
     peak_rss_mb: float
+    #: Peak RSS less the RSS before the stream, and the transactions retained at the end.
+    grown_mb: float = 0.0
+    retained: int = 0
 
     def report(self) -> str:
         per_event = self.observe_seconds / self.events * 1e6
         per_label = self.label_seconds / self.labels * 1e6 if self.labels else 0.0
+        memory = f"peak RSS {self.peak_rss_mb:.0f} MB"
+        if self.retained:
+            per_tx = self.grown_mb * 1024 * 1024 / self.retained
+            memory += (
+                f", +{self.grown_mb:.0f} MB over the stream, {per_tx:,.0f} bytes per "
+                f"retained transaction ({self.retained:,})"
+            )
         return (
             f"{self.store}: {self.events} events, observe {per_event:.1f} us/event "
             f"({self.events / self.observe_seconds:,.0f} events/s), "
-            f"record_label {per_label:.1f} us/label ({self.labels} labels), "
-            f"peak RSS {self.peak_rss_mb:.0f} MB"
+            f"record_label {per_label:.1f} us/label ({self.labels} labels), {memory}"
         )
+
+
+#: The memory stores by name: how to build one, and whether its C part is built here.
+MEMORY_STORES: dict[str, tuple[Callable[[StateConfig], StateStore], bool]] = {
+    "tiled-c": (TiledMemoryStore, TiledMemoryStore().native),
+    "tiled-python": (lambda config: TiledMemoryStore(config, native=False), True),
+    "exact-c": (MemoryStore, MemoryStore().native),
+    "exact-python": (lambda config: MemoryStore(config, native=False), True),
+}
+
+
+def _rss_mb() -> float:
+    """This process's resident set size now, in MB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _run_memory(name: str, config: StateConfig, scale: Scale, seed: int, needed: Any) -> Result:
+    """`run` on a fresh memory store, with how much the process grew (in a forked child)."""
+    before = _rss_mb()
+    result = run(MEMORY_STORES[name][0](config), name, scale, seed, needed)
+    result.grown_mb = result.peak_rss_mb - before
+    retained_days = min(scale.days, math.ceil(config.keep / DAY))
+    result.retained = round(scale.per_day * min(retained_days, config.keep / DAY))
+    return result
+
+
+def run_apart(name: str, config: StateConfig, scale: Scale, seed: int, needed: Any) -> Result:
+    """`_run_memory` in a forked process of its own, so that peak RSS is this store's."""
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(_run_memory, (name, config, scale, seed, needed))
 
 
 def run(
@@ -193,7 +248,17 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated feature names the rules use (default: all features)",
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--stores",
+        default=",".join(MEMORY_STORES),
+        help=f"memory stores to run, comma-separated (default all: {', '.join(MEMORY_STORES)})",
+    )
     args = parser.parse_args(argv)
+    names = [name.strip() for name in args.stores.split(",") if name.strip()]
+    unknown_stores = [name for name in names if name not in MEMORY_STORES]
+    if unknown_stores:
+        print(f"error: --stores: unknown {unknown_stores}", file=sys.stderr)
+        return 2
     scale = QUICK if args.quick else FULL
     if args.days:
         scale = Scale(scale.customers, scale.terminals, scale.per_day, args.days)
@@ -214,26 +279,37 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"reference: {reference_ns():.0f} ns per dict store (lower means a faster or less busy machine)"
         )
-        results = []
-        for native in (True, False) if MemoryStore().native else (False,):
-            name = "memory, C histories" if native else "memory, Python lists"
-            results.append(run(MemoryStore(config, native=native), name, scale, args.seed, needed))
-            print(results[-1].report(), flush=True)
-        if len(results) == 2:
-            c, python = (r.observe_seconds / r.events for r in results)
-            print(f"observe: C histories {python / c:.2f}x as fast as Python lists")
+        results = {}
+        for name in names:
+            if not MEMORY_STORES[name][1]:
+                print(f"{name}: not built (make native)", flush=True)
+                continue
+            results[name] = run_apart(name, config, scale, args.seed, needed)
+            print(results[name].report(), flush=True)
+
+        def cost(name: str) -> float:
+            return results[name].observe_seconds / results[name].events
+
+        for fast, slow in (
+            ("tiled-c", "tiled-python"),
+            ("exact-c", "exact-python"),
+            ("tiled-c", "exact-c"),
+            ("tiled-python", "exact-python"),
+        ):
+            if fast in results and slow in results:
+                print(f"observe: {fast} {cost(slow) / cost(fast):.2f}x as fast as {slow}")
         print(f"reference: {reference_ns():.0f} ns per dict store after the run")
         if args.redis or args.redis_url:
-            from detector.state.redis_store import RedisStore
-
             redis_scale = Scale(
                 scale.customers, scale.terminals, scale.per_day, min(args.redis_days, scale.days)
             )
             with contextlib.ExitStack() as stack:
                 url = args.redis_url or stack.enter_context(throwaway_redis())
-                store = RedisStore(config, url, prefix=f"bench-{time.time_ns()}:")
+                store = open_store(config, url, prefix=f"bench-{time.time_ns()}:")
                 try:
-                    result = run(store, "redis", redis_scale, args.seed, needed, time.perf_counter)
+                    result = run(
+                        store, "redis, tiled", redis_scale, args.seed, needed, time.perf_counter
+                    )
                     print(result.report() + " (wall clock)")
                     print(server_cost(url))
                 finally:

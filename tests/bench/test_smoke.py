@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from detector.state import NATIVE_HISTORIES
+from detector.state.memory_tiled import NATIVE_TILES
 from stack.services import ROOT
 from tests.helpers.bench import run_quick
 
@@ -95,25 +96,28 @@ def _publisher(out: str, _: Path) -> None:
 def _replay(out: str, _: Path) -> None:
     assert "- command: `.venv/bin/python bench/bench_replay.py --quick`" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| --workers | processes |")
+    assert rows[0].startswith("| model | --workers | processes |")
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
-    assert [(c[0], c[1]) for c in cells] == [("1", "1"), ("2", "2")]
+    assert [(c[0], c[1], c[2]) for c in cells] == [("default", "1", "1"), ("default", "2", "2")]
     assert all(c[-1] == "yes" for c in cells)  # byte-identical verdicts
     assert "Target (20,000 transactions/s): best" in out
 
 
 def _state(out: str, _: Path) -> None:
     memory = re.findall(
-        r"^memory, (C histories|Python lists): 8000 events, observe ([0-9.]+) us/event", out, re.M
+        r"^(tiled|exact)-(c|python): 8000 events, observe ([0-9.]+) us/event.*"
+        r" ([0-9,]+) bytes per retained transaction",
+        out,
+        re.M,
     )
-    redis = re.search(r"^redis: 2000 events, observe ([0-9.]+) us/event", out, re.M)
+    redis = re.search(r"^redis, tiled: 2000 events, observe ([0-9.]+) us/event", out, re.M)
     assert memory and redis, out
-    assert memory[-1][0] == "Python lists"
-    assert all(float(cost) > 0 for _, cost in memory)
-    if NATIVE_HISTORIES:
-        assert [name for name, _ in memory] == ["C histories", "Python lists"]
-        assert "as fast as Python lists" in out
-    assert "peak RSS" in out
+    assert all(float(cost) > 0 and int(size.replace(",", "")) > 0 for *_, cost, size in memory)
+    ran = {f"{kind}-{part}" for kind, part, *_ in memory}
+    assert {"tiled-python", "exact-python"} <= ran
+    if NATIVE_HISTORIES and NATIVE_TILES:
+        assert ran == {"tiled-c", "tiled-python", "exact-c", "exact-python"}
+        assert "observe: tiled-c" in out and "as fast as exact-c" in out
 
 
 def _embedded_store(out: str, _: Path) -> None:
