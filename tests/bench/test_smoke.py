@@ -103,6 +103,14 @@ def _replay(out: str, _: Path) -> None:
     assert "Target (20,000 transactions/s): best" in out
 
 
+def _flat_cost(out: str, _: Path) -> None:
+    ratios = re.findall(
+        r"^(tiled, C entities|tiled, Python|exact, C histories): .* ([0-9.]+)x$", out, re.M
+    )
+    assert "tiled, Python" in dict(ratios), out
+    assert all(float(ratio) > 0 for _, ratio in ratios)
+
+
 def _state(out: str, _: Path) -> None:
     memory = re.findall(
         r"^(tiled|exact)-(c|python): 8000 events, observe ([0-9.]+) us/event.*"
@@ -158,6 +166,7 @@ CASES: list[tuple[str, tuple[str, ...], tuple[pytest.MarkDecorator, ...], Check]
     ("bench_coldstart.py", (), (integration,), _coldstart),
     ("bench_conditions.py", (), (), _conditions),
     ("handbook.py", ("--out", "{out}"), (), _handbook),
+    ("bench_flat_cost.py", (), (), _flat_cost),
     ("bench_instructions.py", (), (integration,), _instructions),
     ("bench_pauses.py", (), (), _pauses),
     ("bench_publisher.py", ("--json",), (integration,), _publisher),
