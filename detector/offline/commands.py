@@ -80,6 +80,10 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Transactions a replay on Redis decides per round trip (`Replayer.batch`).
+REDIS_BATCH = 200
+
+
 def _replay_on_redis(
     args: argparse.Namespace,
     labels: Mapping[str, bool] | None,
@@ -102,7 +106,10 @@ def _replay_on_redis(
     try:
         store.check()
         detector = Detector(load_rules(config, store.config), store, model)
-        print(summary(replay_path(detector, args.input, args.output, labels, delay, until)))
+        outcome = replay_path(
+            detector, args.input, args.output, labels, delay, until, batch=REDIS_BATCH
+        )
+        print(summary(outcome))
     finally:
         store.drop()
         store.close()

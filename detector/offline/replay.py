@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import heapq
 import logging
+import math
 import sys
 import time
 from collections import Counter, deque
@@ -35,7 +36,7 @@ from typing import IO, Any
 
 import orjson
 
-from detector.engine import Detector
+from detector.engine import Detector, Request, Verdict
 from detector.errors import InputError, MessageError
 from detector.offline.evaluate import auc_roc, average_precision
 from detector.offline.labels import Timed
@@ -198,8 +199,12 @@ class Replayer:
         until: datetime | None = None,
         lateness: float = float("inf"),
         progress: Callable[[int], None] | None = None,
+        batch: int = 1,
     ) -> None:
         self.detector = detector
+        #: Transactions decided together (`Detector.decide_many`: one state-store call, one
+        #: Redis round trip), up to the next label that becomes known; 1 decides one by one.
+        self.batch = batch
         self.write = write
         self.truth = labels or {}
         self.label_delay = label_delay
@@ -300,22 +305,29 @@ class Replayer:
         flagged, blocked = outcome.flagged_frauds, outcome.blocked_frauds
         injected = outcome.labels_injected
         unknown = self.unknown
+        self.injected = injected
         started = time.perf_counter()
         cpu_started = time.process_time()
+
+        def one_by_one() -> Iterator[tuple[float, str, Verdict]]:
+            for when, tid, raw, transaction, moment in stream.rows():
+                if (pending and pending[0][0] <= when) or (early and early[0][0] <= when):
+                    self.injected += inject(when)
+                verdict = decide(
+                    raw,
+                    transaction,
+                    # A transaction without an id gets "line-N" (deterministic) rather
+                    # than a random one: its verdict's transaction_id and message_id.
+                    message_id=None if transaction.transaction_id else tid,
+                    default_time=moment,
+                    decided_at=moment,
+                )
+                yield when, tid, verdict
+
         try:
             with _collector_paused():
-                for when, tid, raw, transaction, moment in stream.rows():
-                    if (pending and pending[0][0] <= when) or (early and early[0][0] <= when):
-                        injected += inject(when)
-                    verdict = decide(
-                        raw,
-                        transaction,
-                        # A transaction without an id gets "line-N" (deterministic) rather
-                        # than a random one: its verdict's transaction_id and message_id.
-                        message_id=None if transaction.transaction_id else tid,
-                        default_time=moment,
-                        decided_at=moment,
-                    )
+                verdicts = one_by_one() if self.batch <= 1 else self._batches(stream)
+                for when, tid, verdict in verdicts:
                     count += 1
                     decision = verdict.decision
                     decisions[decision] += 1
@@ -345,7 +357,7 @@ class Replayer:
                         progress(count)
         finally:
             outcome.transactions = count
-            outcome.labels_injected = injected
+            outcome.labels_injected = self.injected
             outcome.labels_unknown += self.unknown - unknown
             outcome.labelled = labelled
             outcome.frauds = frauds
@@ -358,6 +370,37 @@ class Replayer:
             outcome.untimed = stream.untimed
             outcome.behind = stream.behind
         return outcome
+
+    def _batches(self, stream: Stream) -> Iterator[tuple[float, str, Verdict]]:
+        """`decide`'s verdicts, decided `batch` at a time, the same as one by one: a batch
+        ends where a label becomes known (injected before the next transaction), and before a
+        transaction by which a label of one in the batch could be known."""
+        detector, pending, early, delay = self.detector, self.pending, self.early, self.label_delay
+        rows: list[tuple[float, str, Request]] = []
+        earliest = math.inf
+
+        def flush() -> Iterator[tuple[float, str, Verdict]]:
+            nonlocal earliest
+            batch = rows[:]
+            rows.clear()
+            earliest = math.inf
+            if batch:
+                verdicts = detector.decide_many([request for _, _, request in batch])
+                for (when, tid, _), verdict in zip(batch, verdicts, strict=True):
+                    yield when, tid, verdict
+
+        for when, tid, raw, transaction, moment in stream.rows():
+            if when >= earliest + delay:
+                yield from flush()  # the caller queues those labels
+            if (pending and pending[0][0] <= when) or (early and early[0][0] <= when):
+                yield from flush()
+                self.injected += self._inject(when)
+            earliest = min(earliest, when)
+            message_id = None if transaction.transaction_id else tid
+            rows.append((when, tid, Request(raw, transaction, message_id, moment, moment)))
+            if len(rows) >= self.batch:
+                yield from flush()
+        yield from flush()
 
 
 @contextmanager
@@ -385,6 +428,7 @@ def replay(
     label_delay: float = 0.0,
     until: datetime | None = None,
     progress: Callable[[int], None] | None = None,
+    batch: int = 1,
 ) -> Outcome:
     """Decide on every transaction of `lines` in order, injecting labels as they become known.
 
@@ -396,9 +440,17 @@ def replay(
             for the precision and recall of the outcome.
         until: stop at the first transaction at or after this time.
         progress: called with the count of transactions every 100,000.
+        batch: transactions decided with one state-store call (see `Replayer`), the same
+            verdicts: worth it with state in Redis, one round trip a batch.
     """
     replayer = Replayer(
-        detector, write, labels=labels, label_delay=label_delay, until=until, progress=progress
+        detector,
+        write,
+        labels=labels,
+        label_delay=label_delay,
+        until=until,
+        progress=progress,
+        batch=batch,
     )
     return replayer.decide(lines)
 
@@ -482,6 +534,7 @@ def replay_path(
     labels: Mapping[str, bool] | None,
     label_delay: float,
     until: datetime | None,
+    batch: int = 1,
 ) -> Outcome:
     """`replay` in this process over a file, verdicts to `output` (if any), progress on stderr.
 
@@ -503,6 +556,7 @@ def replay_path(
                 label_delay=label_delay,
                 until=until,
                 progress=progress,
+                batch=batch,
             )
         finally:
             if out is not None:

@@ -296,6 +296,32 @@ def test_labels_are_injected_in_the_order_they_become_known(
     assert store.labels == expected
 
 
+@pytest.mark.parametrize("delay", [0.0, 90.0, 2 * DAY])
+def test_batched_decisions_give_the_verdicts_of_one_by_one(
+    stream: tuple[Path, Path], delay: float
+) -> None:
+    """Deciding up to 50 transactions with one state call (as replay on Redis does) gives
+    the same verdicts, byte for byte, whatever the label delay: a batch ends where a label
+    becomes known, and where a label of one of its own transactions could."""
+    transactions, labels_path = stream
+    labels = read_labels(labels_path)
+    lines = transactions.read_bytes().splitlines()[:6000]
+    runs = []
+    for batch in (1, 7, 50):
+        out: list[bytes] = []
+        outcome = replay(
+            offline_detector(None, None),
+            lines,
+            out.append,
+            labels=labels,
+            label_delay=delay,
+            batch=batch,
+        )
+        runs.append((out, outcome.labels_injected))
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+    assert runs[0][1] > 0
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("server", ["redis_url", "redis_cluster_url"])
 def test_replay_on_redis_gives_the_verdicts_of_memory(
