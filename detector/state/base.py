@@ -106,6 +106,17 @@ DISTINCT_FEATURE = {
 #: Amounts are summed as integers of this many units per currency unit.
 MICROS = 1_000_000
 
+#: Each window's aggregates other than distinct counts, in `FeatureBuilder`'s order.
+WINDOW_AGGREGATES = (
+    "count",
+    "sum",
+    "mean",
+    "max",
+    "amount_ratio",
+    "fraud_count",
+    "fraud_share",
+)
+
 Features = dict[str, dict[str, float]]
 
 
@@ -171,18 +182,7 @@ def feature_names(windows: Iterable[float], entity: str | None = None) -> frozen
     names = {"seconds_since_last"}
     for window in windows:
         suffix = window_name(window)
-        names.update(
-            f"{base}_{suffix}"
-            for base in (
-                "count",
-                "sum",
-                "mean",
-                "max",
-                "amount_ratio",
-                "fraud_count",
-                "fraud_share",
-            )
-        )
+        names.update(f"{base}_{suffix}" for base in WINDOW_AGGREGATES)
         names.update(f"{DISTINCT_FEATURE[attr]}_{suffix}" for attr in DISTINCT[entity])
     return frozenset(names)
 

@@ -253,18 +253,7 @@ class TiledMemoryStore:
             keys = []
             for window in self.config.windows:
                 s = window_name(window)
-                names = [
-                    f"{name}_{s}"
-                    for name in (
-                        "count",
-                        "sum",
-                        "mean",
-                        "max",
-                        "amount_ratio",
-                        "fraud_count",
-                        "fraud_share",
-                    )
-                ]
+                names = [f"{name}_{s}" for name in base.WINDOW_AGGREGATES]
                 for attr in _SLOTS:
                     names.append(f"{DISTINCT_FEATURE[attr]}_{s}" if attr in attrs else "")
                 keys.append(
