@@ -110,12 +110,20 @@ wide_to_long(wide v)
 /* a / b as Python divides ints: in doubles when both are at most 2**53 (exact operands, one
  * correctly rounded division), else through Python ints. -1.0 with an exception set on
  * failure. */
-static double
+static double int_div_slow(wide a, long long b);
+
+static inline double
 int_div(wide a, long long b)
 {
     const wide limit = (wide)1 << 53;
     if (-limit <= a && a <= limit && -limit <= b && b <= limit)
         return (double)(long long)a / (double)b;
+    return int_div_slow(a, b);
+}
+
+static double
+int_div_slow(wide a, long long b)
+{
     PyObject *numerator = wide_to_long(a);
     PyObject *denominator = numerator ? PyLong_FromLongLong(b) : NULL;
     PyObject *quotient = denominator ? PyNumber_TrueDivide(numerator, denominator) : NULL;
@@ -137,6 +145,8 @@ typedef struct {
     double keep_level[MAX_LEVELS];
     int level[MAX_WINDOWS];    /* each window's tile level */
     long long tiles[MAX_WINDOWS]; /* each window's length in tiles */
+    int n_read[MAX_LEVELS];      /* per level how many windows read it, and which */
+    int read[MAX_LEVELS][MAX_WINDOWS];
     double keep, lateness, lookback, value_keep;
 } Layout;
 
@@ -185,6 +195,7 @@ Layout_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
             goto bad;
         l->level[w] = (int)level[w];
         l->tiles[w] = (long long)length[w];
+        l->read[l->level[w]][l->n_read[l->level[w]]++] = w;
     }
     l->n_levels = (int)n_levels;
     l->n_windows = (int)n_windows;
@@ -217,7 +228,10 @@ typedef struct {
     int slot[N_SLOTS]; /* tracked attribute slots, ascending */
     PyObject *key[MAX_WINDOWS][N_VARS]; /* NULL where not wanted */
     PyObject *gap_key;
-    Py_ssize_t n_keys; /* how many there are: the dicts are made that size at once */
+    Py_ssize_t n_keys; /* how many there are */
+    /* Every key, in the order `build` puts them, each to None: a step's dict starts as its
+     * copy (one allocation at the final size, no resizes) and has its values replaced. */
+    PyObject *shape;
 } Plan;
 
 static PyTypeObject PlanType;
@@ -229,6 +243,7 @@ Plan_dealloc(Plan *p)
         for (int v = 0; v < N_VARS; v++)
             Py_XDECREF(p->key[w][v]);
     Py_XDECREF(p->gap_key);
+    Py_XDECREF(p->shape);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
@@ -287,6 +302,14 @@ Plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         p->gap_key = gap_key;
         p->n_keys++;
     }
+    if ((p->shape = PyDict_New()) == NULL)
+        goto fail;
+    for (int w = 0; w < p->n_windows; w++)
+        for (int v = 0; v < N_VARS; v++)
+            if (p->key[w][v] && PyDict_SetItem(p->shape, p->key[w][v], Py_None) < 0)
+                goto fail;
+    if (p->gap_key && PyDict_SetItem(p->shape, p->gap_key, Py_None) < 0)
+        goto fail;
     return (PyObject *)p;
 fail:
     Py_DECREF(p);
@@ -336,10 +359,22 @@ typedef struct {
 
 #define ROW(t, i, row_size) ((Head *)((t)->rows + (i) * (row_size)))
 
+/* Whether two str are equal: PyUnicode_Compare's answer without its ordering, from the
+ * canonical representation (same kind, length and code units). Both were hashed, hence are
+ * ready. */
+static inline int
+str_equal(PyObject *a, PyObject *b)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    int kind = PyUnicode_KIND(a);
+    return n == PyUnicode_GET_LENGTH(b) && kind == (int)PyUnicode_KIND(b) &&
+           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * kind) == 0;
+}
+
 static inline int
 same_key(Head *h, PyObject *key, Py_hash_t hash)
 {
-    return h->key == key || (h->hash == (uint32_t)hash && PyUnicode_Compare(h->key, key) == 0);
+    return h->key == key || (h->hash == (uint32_t)hash && str_equal(h->key, key));
 }
 
 static void *
@@ -723,22 +758,8 @@ Entity_dealloc(Entity *e)
 
 /* --- tiles ------------------------------------------------------------------------------- */
 
-/* Python's bisect over a level's indexes: the first position whose index is > x (right) or
- * >= x (left). */
-static Py_ssize_t
-bisect_right(const Level *v, long long x)
-{
-    Py_ssize_t lo = 0, hi = v->n;
-    while (lo < hi) {
-        Py_ssize_t mid = lo + (hi - lo) / 2;
-        if (x < v->index[mid])
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    return lo;
-}
-
+/* Python's bisect over a level's indexes: the first position whose index is >= x (left) or
+ * > x (right, below). */
 static Py_ssize_t
 bisect_left(const Level *v, long long x)
 {
@@ -760,11 +781,59 @@ find_tile(Level *v, long long i)
     return at < v->n && v->index[at] == i ? &v->tile[at] : NULL;
 }
 
+/* bisect_right restricted to positions lo..hi, which hold the answer. */
+static inline Py_ssize_t
+bisect_right_in(const Level *v, long long x, Py_ssize_t lo, Py_ssize_t hi)
+{
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (x < v->index[mid])
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+/* bisect_right of an answer at most `hi`, galloping back from there: O(log d) for an answer
+ * d tiles before it. A transaction's own tile and the edge its windows last ended at are
+ * nearly always the newest tiles or after them, and the old edges of a level's windows
+ * (ascending lengths) each a few tiles before the previous one's, where a bisection over the
+ * whole level would take its full log n steps. (bisect_left of x is bisect_right of x - 1:
+ * indexes are integers.) */
+static inline Py_ssize_t
+bisect_right_before(const Level *v, long long x, Py_ssize_t hi)
+{
+    Py_ssize_t step = 1, lo;
+    /* Every position from hi on holds an index > x. */
+    for (;;) {
+        lo = hi - step;
+        if (lo <= 0) {
+            lo = 0;
+            break;
+        }
+        if (v->index[lo] <= x) {
+            lo++;
+            break;
+        }
+        hi = lo;
+        step *= 2;
+    }
+    return bisect_right_in(v, x, lo, hi);
+}
+
+static inline Py_ssize_t
+bisect_right_end(const Level *v, long long x)
+{
+    return bisect_right_before(v, x, v->n);
+}
+
 /* Room for one more transaction in tile i. */
 static int
 level_reserve(Level *v, long long i)
 {
-    Tile *t = find_tile(v, i);
+    Py_ssize_t at = bisect_right_end(v, i);
+    Tile *t = at > 0 && v->index[at - 1] == i ? &v->tile[at - 1] : NULL;
     if (t != NULL && t->count >= TILE_MAX) {
         PyErr_SetString(PyExc_OverflowError, "step: a tile holds 2**31 - 1 transactions");
         return -1;
@@ -792,9 +861,9 @@ nomem:
 static Tile *
 tile_at(Level *v, long long i)
 {
-    Py_ssize_t at = bisect_left(v, i);
-    if (at < v->n && v->index[at] == i)
-        return &v->tile[at];
+    Py_ssize_t at = bisect_right_end(v, i);
+    if (at > 0 && v->index[at - 1] == i)
+        return &v->tile[at - 1];
     memmove(v->index + at + 1, v->index + at, (v->n - at) * sizeof(long long));
     memmove(v->tile + at + 1, v->tile + at, (v->n - at) * sizeof(Tile));
     v->n++;
@@ -809,6 +878,8 @@ tile_at(Level *v, long long i)
 static void
 forget_tiles(Level *v, long long horizon)
 {
+    if (v->n == 0 || v->index[0] >= horizon) /* the usual case: nothing to forget */
+        return;
     Py_ssize_t cut = bisect_left(v, horizon);
     if (!cut)
         return;
@@ -830,13 +901,15 @@ forget_tiles(Level *v, long long horizon)
     }
 }
 
-/* `_take`: add (sign 1) or take out (-1) the tiles low < i <= high from a window's sums, the
- * distinct sums too when `distinct`. A max that leaves marks the window's max invalid. */
-static void
-take(Cache *c, const Level *v, long long low, long long high, int sign, int distinct)
+/* `_take` from position `at`, the first tile after its low edge: add (sign 1) or take out
+ * (-1) the tiles up to `high` from a window's sums, the distinct sums too when `distinct`. A
+ * max that leaves marks the window's max invalid. Returns the position after the last tile
+ * taken (bisect_right of `high`): the tiles are walked anyway, so the end of the range costs
+ * no search. */
+static Py_ssize_t
+take_from(Cache *c, const Level *v, Py_ssize_t at, long long high, int sign, int distinct)
 {
-    Py_ssize_t end = bisect_right(v, high);
-    for (Py_ssize_t at = bisect_right(v, low); at < end; at++) {
+    for (; at < v->n && v->index[at] <= high; at++) {
         const Tile *t = &v->tile[at];
         c->count += sign * t->count;
         c->sum += sign * t->sum;
@@ -851,34 +924,83 @@ take(Cache *c, const Level *v, long long low, long long high, int sign, int dist
             for (int s = 0; s < N_SLOTS; s++)
                 c->distinct[s] += sign * t->distinct[s];
     }
+    return at;
 }
 
-/* Move a window's sums to end at tile k (the loop body of `_step`). */
+/* The positions a level's windows share in a step: the transaction's tile k and, found once,
+ * the tile the windows last ended at (they move together, so it is nearly always one for
+ * all of them). The level does not change while they are used. */
+typedef struct {
+    long long k;
+    Py_ssize_t at_k; /* bisect_right of k */
+    long long last;  /* the last old edge asked for, and its bisect_right */
+    Py_ssize_t at_last;
+    int has_last;
+    long long low;   /* the last low edge (k - n or c->k - n) asked for, and its bisect_right */
+    Py_ssize_t at_low;
+    int has_low;
+} Edges;
+
 static void
-move(Cache *c, const Level *v, long long k, long long n)
+edges_init(Edges *g, const Level *v, long long k)
 {
-    long long d = k - c->k;
+    g->k = k;
+    g->at_k = bisect_right_end(v, k);
+    g->has_last = g->has_low = 0;
+}
+
+/* bisect_right of a window's low edge, which is below k: galloping back from the previous
+ * low edge's position when it is not above it, else from k's. */
+static inline Py_ssize_t
+low_at(Edges *g, const Level *v, long long x)
+{
+    Py_ssize_t at = bisect_right_before(v, x, g->has_low && x <= g->low ? g->at_low : g->at_k);
+    g->low = x;
+    g->at_low = at;
+    g->has_low = 1;
+    return at;
+}
+
+static inline Py_ssize_t
+edge_at(Edges *g, const Level *v, long long x)
+{
+    if (!g->has_last || g->last != x) {
+        g->last = x;
+        g->at_last = bisect_right_end(v, x);
+        g->has_last = 1;
+    }
+    return g->at_last;
+}
+
+/* Move a window of n tiles to end at the step's tile `g->k` (the loop body of `_step`). */
+static void
+move(Cache *c, const Level *v, Edges *g, long long n)
+{
+    long long k = g->k, d = k - c->k;
+    Py_ssize_t first = -1; /* bisect_right of k - n, where the window's tiles begin */
     if (!c->valid || d >= n || -d >= n) {
         empty_cache(c, k, 1);
-        take(c, v, k - n, k, 1, 1);
-        for (Py_ssize_t at = bisect_right(v, k); at < v->n; at++)
+        take_from(c, v, low_at(g, v, k - n), k, 1, 1);
+        for (Py_ssize_t at = g->at_k; at < v->n; at++)
             for (int s = 0; s < N_SLOTS; s++)
                 c->distinct[s] += v->tile[at].distinct[s];
         return;
     }
     if (k > c->k) {
-        take(c, v, c->k - n, k - n, -1, 1);
-        take(c, v, c->k, k, 1, 0);
+        first = take_from(c, v, low_at(g, v, c->k - n), k - n, -1, 1);
+        take_from(c, v, edge_at(g, v, c->k), k, 1, 0);
     }
     else if (k < c->k) {
-        take(c, v, k, c->k, -1, 0);
-        take(c, v, k - n, c->k - n, 1, 1);
+        take_from(c, v, g->at_k, c->k, -1, 0);
+        first = low_at(g, v, k - n);
+        take_from(c, v, first, c->k - n, 1, 1);
     }
     c->k = k;
     if (!c->max_ok) { /* the max left: find it again over the window's tiles */
         double high = -INFINITY;
-        Py_ssize_t end = bisect_right(v, k);
-        for (Py_ssize_t at = bisect_right(v, k - n); at < end; at++)
+        if (first < 0)
+            first = low_at(g, v, k - n);
+        for (Py_ssize_t at = first; at < g->at_k; at++)
             if (v->tile[at].max > high)
                 high = v->tile[at].max;
         c->max = high;
@@ -888,14 +1010,19 @@ move(Cache *c, const Level *v, long long k, long long n)
 
 /* --- ids and ring ------------------------------------------------------------------------ */
 
-/* The row of a transaction the entity holds (`_held`), or NULL. */
+/* Whether the entity still holds a row of its ids table (`_held`). */
+static inline int
+is_held(Entity *e, IdRow *row)
+{
+    return e->has_newest && row->ts > e->newest - e->layout->keep;
+}
+
+/* The row of a transaction the entity holds, or NULL. */
 static IdRow *
 held(Entity *e, PyObject *txid, Py_hash_t hash)
 {
     IdRow *row = table_find(&e->ids, sizeof(IdRow), txid, hash);
-    if (row != NULL && (!e->has_newest || !(row->ts > e->newest - e->layout->keep)))
-        return NULL;
-    return row;
+    return row != NULL && is_held(e, row) ? row : NULL;
 }
 
 /* Whether ring entry i comes before (ts, txid) (or is equal, when `or_equal`), as Python
@@ -922,10 +1049,33 @@ put(PyObject *out, PyObject *key, PyObject *value)
     return failed;
 }
 
+/* The floats 0.0 to SMALL_FLOATS - 1, made once: most counts, fraud counts and distinct
+ * counts are small, and a shared float saves an allocation per feature. */
+#define SMALL_FLOATS 256
+static PyObject *small_floats[SMALL_FLOATS];
+
+static inline PyObject *
+new_float(double value)
+{
+    if (value >= 0 && value < SMALL_FLOATS && !signbit(value)) {
+        int i = (int)value;
+        if ((double)i == value)
+            return Py_NewRef(small_floats[i]);
+    }
+    return PyFloat_FromDouble(value);
+}
+
 static inline int
 put_double(PyObject *out, PyObject *key, double value)
 {
-    return key == NULL ? 0 : put(out, key, PyFloat_FromDouble(value));
+    return key == NULL ? 0 : put(out, key, new_float(value));
+}
+
+/* Take a key of the plan's shape out of a step's dict: a feature absent this time. */
+static inline int
+drop(PyObject *out, PyObject *key)
+{
+    return key == NULL ? 0 : PyDict_DelItem(out, key);
 }
 
 /* One window's raw aggregates, as `_step` hands them to `FeatureBuilder`. */
@@ -936,11 +1086,13 @@ typedef struct {
     long long distinct[N_SLOTS];
 } Raw;
 
-/* `FeatureBuilder.build` narrowed to the plan's keys, in its order. */
+/* `FeatureBuilder.build` narrowed to the plan's keys, in its order: the plan's shape with its
+ * values set, and the features absent this time (amount_ratio, seconds_since_last) taken
+ * out, which leaves the others in their order. */
 static PyObject *
 build(Plan *p, double amount, const Raw *raws, int has_gap, double gap)
 {
-    PyObject *out = PyDict_New();
+    PyObject *out = PyDict_Copy(p->shape);
     if (out == NULL)
         return NULL;
     for (int w = 0; w < p->n_windows; w++) {
@@ -956,7 +1108,8 @@ build(Plan *p, double amount, const Raw *raws, int has_gap, double gap)
                 put_double(out, keys[V_MEAN], mean) < 0 ||
                 put_double(out, keys[V_MAX], r->max) < 0)
                 goto fail;
-            if (mean > 0 && put_double(out, keys[V_RATIO], amount / mean) < 0)
+            if ((mean > 0 ? put_double(out, keys[V_RATIO], amount / mean)
+                          : drop(out, keys[V_RATIO])) < 0)
                 goto fail;
             if (put_double(out, keys[V_FRAUD], (double)r->fraud) < 0)
                 goto fail;
@@ -973,12 +1126,14 @@ build(Plan *p, double amount, const Raw *raws, int has_gap, double gap)
             for (int z = 0; z < 6; z++)
                 if (put_double(out, keys[zeros[z]], 0.0) < 0)
                     goto fail;
+            if (drop(out, keys[V_RATIO]) < 0)
+                goto fail;
         }
         for (int s = 0; s < N_SLOTS; s++)
             if (put_double(out, keys[V_DISTINCT + s], (double)r->distinct[s]) < 0)
                 goto fail;
     }
-    if (has_gap && put_double(out, p->gap_key, gap) < 0)
+    if ((has_gap ? put_double(out, p->gap_key, gap) : drop(out, p->gap_key)) < 0)
         goto fail;
     return out;
 fail:
@@ -989,9 +1144,9 @@ fail:
 /* `_record`: add a new transaction whose windows' sums are at its tiles, after forgetting
  * what the new newest lets go. Room for everything it adds is reserved: it cannot fail. */
 static void
-record(Entity *e, Plan *p, PyObject *txid, Py_hash_t txid_hash, double ts, long long micros,
-       double amount, const long long *kk, PyObject *const *attrs, const Py_hash_t *hashes,
-       double newest)
+record(Entity *e, Plan *p, PyObject *txid, Py_hash_t txid_hash, int stale, double ts,
+       long long micros, double amount, const long long *kk, PyObject *const *attrs,
+       const Py_hash_t *hashes, double newest)
 {
     Layout *l = e->layout;
     long long horizon[MAX_LEVELS];
@@ -1004,8 +1159,9 @@ record(Entity *e, Plan *p, PyObject *txid, Py_hash_t txid_hash, double ts, long 
         if (c->valid && c->k - l->tiles[w] + 1 < horizon[l->level[w]])
             c->valid = 0;
     }
+    Tile *own[MAX_LEVELS]; /* the transaction's tile per level: no insert moves it below */
     for (int i = 0; i < l->n_levels; i++) {
-        Tile *t = tile_at(&e->level[i], kk[i]);
+        Tile *t = own[i] = tile_at(&e->level[i], kk[i]);
         t->count++;
         t->sum += micros;
         if (amount > t->max)
@@ -1037,13 +1193,19 @@ record(Entity *e, Plan *p, PyObject *txid, Py_hash_t txid_hash, double ts, long 
                 continue;
             moved = 1;
             Level *v = &e->level[i];
-            find_tile(v, j)->distinct[slot]++;
-            Tile *old = rec && o >= horizon[i] ? find_tile(v, o) : NULL;
+            own[i]->distinct[slot]++;
+            Tile *old = NULL;
+            if (rec && o >= horizon[i]) { /* o < j: among the tiles before j's */
+                Py_ssize_t at = bisect_right_in(v, o, 0, own[i] - v->tile);
+                if (at > 0 && v->index[at - 1] == o)
+                    old = &v->tile[at - 1];
+            }
             if (old)
                 old->distinct[slot]--;
-            for (int w = 0; w < l->n_windows; w++) {
+            for (int x = 0; x < l->n_read[i]; x++) {
+                int w = l->read[i][x];
                 Cache *c = &e->cache[w];
-                if (l->level[w] == i && c->valid) {
+                if (c->valid) {
                     long long edge = c->k - l->tiles[w];
                     if (j > edge)
                         c->distinct[slot]++;
@@ -1101,7 +1263,9 @@ record(Entity *e, Plan *p, PyObject *txid, Py_hash_t txid_hash, double ts, long 
         memmove(e->ring_id, e->ring_id + 1, e->ring_n * sizeof(PyObject *));
     }
 
-    IdRow *row = table_find(&e->ids, sizeof(IdRow), txid, txid_hash);
+    /* A row no longer held may still be in the table (`stale`), unless `ids_reserve` let go
+     * of it: look for it only then. */
+    IdRow *row = stale ? table_find(&e->ids, sizeof(IdRow), txid, txid_hash) : NULL;
     if (row == NULL)
         row = table_insert(&e->ids, sizeof(IdRow), txid, txid_hash);
     row->ts = ts;
@@ -1194,7 +1358,8 @@ step(Entity *e, Plan *p, const Tx *tx, int *status_out)
     int has_newest = e->has_newest;
     double newest = e->newest;
     int late = has_newest && ts < newest - l->lateness;
-    IdRow *row = held(e, txid, txid_hash);
+    IdRow *found = table_find(&e->ids, sizeof(IdRow), txid, txid_hash);
+    IdRow *row = found && is_held(e, found) ? found : NULL;
     int status = row ? DUP : late ? LATE : NEW;
     double next_newest = newest;
     if (status == NEW && (!has_newest || ts > newest))
@@ -1223,10 +1388,13 @@ step(Entity *e, Plan *p, const Tx *tx, int *status_out)
         caches = copies;
     }
     Raw raws[MAX_WINDOWS];
+    Edges edges[MAX_LEVELS];
+    for (int i = 0; i < l->n_levels; i++)
+        edges_init(&edges[i], &e->level[i], kk[i]);
     for (int w = 0; w < l->n_windows; w++) {
         int i = l->level[w];
         Cache *c = &caches[w];
-        move(c, &e->level[i], kk[i], l->tiles[w]);
+        move(c, &e->level[i], &edges[i], l->tiles[w]);
         Raw *r = &raws[w];
         r->count = c->count;
         r->total = c->sum;
@@ -1250,7 +1418,8 @@ step(Entity *e, Plan *p, const Tx *tx, int *status_out)
     if (out == NULL)
         return NULL;
     if (status == NEW)
-        record(e, p, txid, txid_hash, ts, micros, amount, kk, attrs, hashes, next_newest);
+        record(e, p, txid, txid_hash, found != NULL, ts, micros, amount, kk, attrs, hashes,
+               next_newest);
     *status_out = status;
     return out;
 }
@@ -1587,8 +1756,12 @@ tiles_observe(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (append(notes, Py_BuildValue("(Oid)", kind, status, e->newest - tx.ts)) < 0)
             goto done;
     }
-    result = Py_BuildValue("(NNOO)", features, entry, recorded ? Py_True : Py_False,
-                           notes ? notes : Py_None);
+    if ((result = PyTuple_New(4)) == NULL)
+        goto done;
+    PyTuple_SET_ITEM(result, 0, features);
+    PyTuple_SET_ITEM(result, 1, entry);
+    PyTuple_SET_ITEM(result, 2, Py_NewRef(recorded ? Py_True : Py_False));
+    PyTuple_SET_ITEM(result, 3, Py_NewRef(notes ? notes : Py_None));
     features = entry = NULL;
 done:
     Py_XDECREF(features);
@@ -1632,6 +1805,9 @@ PyInit__tiles(void)
     if (PyType_Ready(&LayoutType) < 0 || PyType_Ready(&PlanType) < 0 ||
         PyType_Ready(&EntityType) < 0)
         return NULL;
+    for (int i = 0; i < SMALL_FLOATS; i++)
+        if (small_floats[i] == NULL && (small_floats[i] = PyFloat_FromDouble(i)) == NULL)
+            return NULL;
     if (s_applied == NULL) {
         s_applied = PyUnicode_InternFromString("applied");
         s_changed = PyUnicode_InternFromString("changed");
