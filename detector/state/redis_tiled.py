@@ -56,15 +56,7 @@ local NEG = -math.huge
 -- meta: newest, lowest and highest generation, then per window w from WB[w] + 1 on its
 -- cache {end tile, valid, count, sum, fraud, max, max valid, distinct 1..3}, kept flat.
 local function read_meta(s)
-  if not s then
-    local m = {0, 0, 0}
-    for w = 1, NWIN do
-      local b = WB[w]
-      m[b + 1], m[b + 2], m[b + 3], m[b + 4], m[b + 5] = 0, 0, 0, 0, 0
-      m[b + 6], m[b + 7], m[b + 8], m[b + 9], m[b + 10] = NEG, 1, 0, 0, 0
-    end
-    return nil, nil, nil, m
-  end
+  if not s then return nil, nil, nil, {unpack(META0)} end
   local m = {struct.unpack(META, s)}
   return m[1], m[2], m[3], m
 end
@@ -94,20 +86,21 @@ end
 
 _OBSERVE = r"""
 -- One entity. KEYS: its windows' hash, then its generations n-1, n, n+1 (n of the timestamp).
--- ARGV: txid, timestamp, micros, amount, generation n, generation key base, the tile of the
--- timestamp per level, the count of attributes, then per attribute (its slot 1..3, the field
--- of its value).
+-- ARGV: txid, timestamp, micros, amount, generation key base, then the field of each
+-- attribute's value (``v``, the attribute's letter, the value).
 local main = KEYS[1]
 local txid, ts, micro, amount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
   tonumber(ARGV[4])
-local gen, gbase = tonumber(ARGV[5]), ARGV[6]
+local gbase = ARGV[5]
+-- The timestamp's generation and tiles, as the client computes them (floor of a quotient).
+local gen = math.floor(ts / GSPAN)
 local kk = {}
-for L = 1, NLEV do kk[L] = tonumber(ARGV[6 + L]) end
-local at = 7 + NLEV
-local nattr = tonumber(ARGV[at])
+for L = 1, NLEV do kk[L] = math.floor(ts / WIDTH[L]) end
+local nattr = #ARGV - 5
 local slot, vfield = {}, {}
 for a = 1, nattr do
-  slot[a], vfield[a] = tonumber(ARGV[at + 2 * a - 1]), ARGV[at + 2 * a]
+  local f = ARGV[5 + a]
+  slot[a], vfield[a] = SLOT[string.byte(f, 2)], f
 end
 
 local fields = {'m', 'r'}
@@ -151,6 +144,11 @@ end
 -- Tiles i with low < i <= high that may be kept: all of a short span, else those listed.
 local function span(L, low, high)
   local out = {}
+  local size = #order[L] / 8
+  if size == 0 then return out end
+  local oldest, newest_ = at_(L, 1), at_(L, size)  -- no tile outside these is kept
+  if oldest > low + 1 then low = oldest - 1 end
+  if newest_ < high then high = newest_ end
   if high - low <= 8 then
     for i = low + 1, high do out[#out + 1] = i end
     return out
@@ -350,7 +348,7 @@ end
 
 -- The reply: the status's letter, then per window (count, sum, max, fraud, distinct 1..3)
 -- and seconds_since_last (NaN when none) as doubles.
-local out, o = {}, 0
+local out, o = {unpack(REPLY0)}, 0  -- built at its full size at once
 for w = 1, NWIN do
   local b = WB[w]
   local count, total, fraud = m[b + 3], m[b + 4], m[b + 5]
@@ -390,7 +388,8 @@ if status == 'new' then
   -- Forget tiles behind each level's horizon, and the windows' sums that reach them.
   local gone = {}
   for L = 1, NLEV do
-    local cut = above(L, Fn[L] - 1) - 1
+    local cut = 0
+    if #order[L] > 0 and at_(L, 1) < Fn[L] then cut = above(L, Fn[L] - 1) - 1 end
     if cut > 0 then
       for q = 1, cut do gone[#gone + 1] = tile_name(L, at_(L, q)) end
       order[L] = string.sub(order[L], cut * 8 + 1)
@@ -407,9 +406,14 @@ if status == 'new' then
     if not t then
       t = {0, 0, NEG, 0, 0, 0, 0}
       tiles[L][j] = t
-      local q = above(L, j)
-      order[L] = string.sub(order[L], 1, q * 8 - 8) .. struct.pack('<d', j) ..
-        string.sub(order[L], q * 8 - 7)
+      local size = #order[L]
+      if size == 0 or at_(L, size / 8) < j then  -- the newest tile: mostly so
+        order[L] = order[L] .. struct.pack('<d', j)
+      else
+        local q = above(L, j)
+        order[L] = string.sub(order[L], 1, q * 8 - 8) .. struct.pack('<d', j) ..
+          string.sub(order[L], q * 8 - 7)
+      end
       dirty[L].order = true
     end
     t[1] = t[1] + 1
@@ -443,9 +447,9 @@ if status == 'new' then
           old[4 + s] = old[4 + s] - 1
           dirty[L][o] = true
         end
-        for w = 1, NWIN do
+        for _, w in ipairs(LW[L]) do
           local b = WB[w]
-          if WL[w] == L and m[b + 2] == 1 then
+          if m[b + 2] == 1 then
             local edge = m[b + 1] - WN[w]
             if j > edge then m[b + 7 + s] = m[b + 7 + s] + 1 end
             if old and o > edge then m[b + 7 + s] = m[b + 7 + s] - 1 end
@@ -605,8 +609,24 @@ class RedisTiledStore(RedisStore):
             "TILE": "'<ddddddd'",
             "VALUES": f"'<{'d' * nlev}'",
             "REPLY": f"'<{'d' * (7 * nwin + 1)}'",
+            # A new entity's meta (window caches: end tile 0, not valid, sums 0, max -inf,
+            # max valid), and a reply's slots.
+            "META0": table([0, 0, 0, *([0, 0, 0, 0, 0, "-1/0", 1, 0, 0, 0] * nwin)]),
+            "REPLY0": table([0] * (7 * nwin + 1)),
             "STATUS": "{new = 'n', dup = 'd', late = 'l'}",
             "WL": table([level_of[tile_width(window)] for window in config.windows]),
+            "LW": table(
+                [
+                    table(
+                        [
+                            w
+                            for w, window in enumerate(config.windows, 1)
+                            if level_of[tile_width(window)] == level
+                        ]
+                    )
+                    for level in range(1, nlev + 1)
+                ]
+            ),
             "WN": table([window // tile_width(window) for window in config.windows]),
             "LATENESS": repr(float(config.allowed_lateness)),
             "KEEP": repr(float(config.keep)),
@@ -615,6 +635,9 @@ class RedisTiledStore(RedisStore):
             "GSPAN": self._span,
             "WIDEST": self._levels[-1][0],
             "RING": RING,
+            "SLOT": "{"
+            + ", ".join(f"[{ord(letter)}] = {slot}" for slot, letter in _SLOTS.values())
+            + "}",
         }
         return "".join(f"local {name} = {value}\n" for name, value in constants.items())
 
@@ -661,10 +684,6 @@ class RedisTiledStore(RedisStore):
             )
         return features
 
-    def _tiles(self, timestamp: float) -> list[str]:
-        """The tile of a timestamp at each level, as the scripts take them."""
-        return [str(_tile(timestamp, width)) for width, _ in self._levels]
-
     def _generation(self, start: str, timestamp: float, offset: int = 0) -> str:
         """Key of the generation of a timestamp (or `offset` generations from it)."""
         return f"{start}g{_tile(timestamp, self._span) + offset}"
@@ -700,21 +719,17 @@ class RedisTiledStore(RedisStore):
             repr(float(ts)),
             str(base.micros(event.amount)),
             repr(float(event.amount)),
-            str(_tile(ts, self._span)),
         ]
-        tiles = self._tiles(ts)
         scripts = []
         pairs = base.entities_of(event)
         for kind, ident in pairs:
             start = self._entity(kind, ident)
             keys = [start + "t", *(self._generation(start, ts, d) for d in (-1, 0, 1))]
-            attrs = []
+            args = [*head, start + "g"]
             for attr in DISTINCT[kind]:
                 value = getattr(event, attr)
                 if value is not None:
-                    slot, letter = _SLOTS[attr]
-                    attrs += [str(slot), f"v{letter}{value}"]
-            args = [*head, start + "g", *tiles, str(len(attrs) // 2), *attrs]
+                    args.append(f"v{_SLOTS[attr][1]}{value}")
             scripts.append((keys, args))
         return scripts, "\0".join(f"{kind}:{ident}" for kind, ident in pairs)
 
