@@ -141,7 +141,8 @@ local function above(L, x)  -- the first position holding a tile > x
   end
   return lo
 end
--- Tiles i with low < i <= high that may be kept: all of a short span, else those listed.
+-- Tiles i with low < i <= high that may be kept: the range is first cut to the oldest and
+-- newest kept tiles, then all of a short one, else those listed.
 local function span(L, low, high)
   local out = {}
   local size = #order[L] / 8
@@ -598,6 +599,7 @@ class RedisTiledStore(RedisStore):
             return "{" + ", ".join(str(value) for value in values) + "}"
 
         nlev, nwin = len(self._levels), len(config.windows)
+        window_level = [level_of[tile_width(window)] for window in config.windows]
         constants = {
             "NLEV": nlev,
             "WIDTH": table([width for width, _ in self._levels]),
@@ -614,17 +616,12 @@ class RedisTiledStore(RedisStore):
             "META0": table([0, 0, 0, *([0, 0, 0, 0, 0, "-1/0", 1, 0, 0, 0] * nwin)]),
             "REPLY0": table([0] * (7 * nwin + 1)),
             "STATUS": "{new = 'n', dup = 'd', late = 'l'}",
-            "WL": table([level_of[tile_width(window)] for window in config.windows]),
+            "WL": table(window_level),
+            # The windows of each level.
             "LW": table(
                 [
-                    table(
-                        [
-                            w
-                            for w, window in enumerate(config.windows, 1)
-                            if level_of[tile_width(window)] == level
-                        ]
-                    )
-                    for level in range(1, nlev + 1)
+                    table([w for w, level in enumerate(window_level, 1) if level == wanted])
+                    for wanted in range(1, nlev + 1)
                 ]
             ),
             "WN": table([window // tile_width(window) for window in config.windows]),
