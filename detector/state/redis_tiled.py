@@ -28,7 +28,10 @@ per entity and expiring ``retention`` seconds of wall-clock time after their las
 
 A script reads the entity's hash once (meta, ring, tile lists, the tiles of its timestamp),
 its generation once (id, values), the tiles that enter or leave a window once, and writes
-each hash once; only a max whose tile left a window reads that window's tiles again.
+each hash once; only a max whose tile left a window reads that window's tiles again. A
+window that no reader reads (`declare_reads`: the merchant's and most of the card's, for the
+shipped detector) is not kept up to date: it is marked stale and filled afresh from its
+tiles if a reader comes; what is recorded does not change.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from detector.state import base
@@ -86,20 +89,24 @@ end
 
 _OBSERVE = r"""
 -- One entity. KEYS: its windows' hash, then its generations n-1, n, n+1 (n of the timestamp).
--- ARGV: txid, timestamp, micros, amount, generation key base, then the field of each
--- attribute's value (``v``, the attribute's letter, the value).
+-- ARGV: txid, timestamp, micros, amount, generation key base, the windows read (a '1' or
+-- '0' per window), then the field of each attribute's value (``v``, the attribute's
+-- letter, the value).
 local main = KEYS[1]
 local txid, ts, micro, amount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
   tonumber(ARGV[4])
 local gbase = ARGV[5]
+-- A window nobody reads is not kept up to date: it is marked stale, and filled afresh from
+-- its tiles when a reader comes. What is recorded is the same either way.
+local read = {string.byte(ARGV[6], 1, NWIN)}
 -- The timestamp's generation and tiles, as the client computes them (floor of a quotient).
 local gen = math.floor(ts / GSPAN)
 local kk = {}
 for L = 1, NLEV do kk[L] = math.floor(ts / WIDTH[L]) end
-local nattr = #ARGV - 5
+local nattr = #ARGV - 6
 local slot, vfield = {}, {}
 for a = 1, nattr do
-  local f = ARGV[5 + a]
+  local f = ARGV[6 + a]
   slot[a], vfield[a] = SLOT[string.byte(f, 2)], f
 end
 
@@ -248,7 +255,9 @@ local mode, leave, enter, beyond = {}, {}, {}, {}
 for w = 1, NWIN do
   local L, n, b = WL[w], WN[w], WB[w]
   local k, e = kk[L], m[b + 1]
-  if m[b + 2] ~= 1 or math.abs(k - e) >= n then
+  if read[w] ~= 49 then
+    m[b + 2] = 0
+  elseif m[b + 2] ~= 1 or math.abs(k - e) >= n then
     mode[w] = 'fill'
     enter[w] = span(L, k - n, k)
     if beyond[L] == nil then beyond[L] = span(L, k, math.huge) end
@@ -320,7 +329,7 @@ for w = 1, NWIN do
       stale[w] = span(L, k - n, k)
       want(L, stale[w])
     end
-  else
+  elseif mode[w] == 'fill' then
     m[b + 1], m[b + 2], m[b + 3], m[b + 4], m[b + 5] = k, 1, 0, 0, 0
     m[b + 6], m[b + 7], m[b + 8], m[b + 9], m[b + 10] = NEG, 1, 0, 0, 0
     take(b, known, enter[w], 1, true)
@@ -348,18 +357,20 @@ if next(stale) ~= nil then
 end
 
 -- The reply: the status's letter, then per window (count, sum, max, fraud, distinct 1..3)
--- and seconds_since_last (NaN when none) as doubles.
+-- and seconds_since_last (NaN when none) as doubles; zeros for a window not read.
 local out, o = {unpack(REPLY0)}, 0  -- built at its full size at once
 for w = 1, NWIN do
-  local b = WB[w]
-  local count, total, fraud = m[b + 3], m[b + 4], m[b + 5]
-  if held and kk[WL[w]] >= F[WL[w]] then  -- a redelivery leaves its own amount out
-    count = count - 1
-    total = total - held[2]
-    if held[3] == 1 then fraud = fraud - 1 end
+  if mode[w] then
+    local b = WB[w]
+    local count, total, fraud = m[b + 3], m[b + 4], m[b + 5]
+    if held and kk[WL[w]] >= F[WL[w]] then  -- a redelivery leaves its own amount out
+      count = count - 1
+      total = total - held[2]
+      if held[3] == 1 then fraud = fraud - 1 end
+    end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = count, total, m[b + 6], fraud
+    out[o + 5], out[o + 6], out[o + 7] = m[b + 8], m[b + 9], m[b + 10]
   end
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4] = count, total, m[b + 6], fraud
-  out[o + 5], out[o + 6], out[o + 7] = m[b + 8], m[b + 9], m[b + 10]
   o = o + 7
 end
 
@@ -586,6 +597,18 @@ class RedisTiledStore(RedisStore):
         self._span = math.ceil(config.keep + self._levels[-1][0])
         #: The observe script's reply after its status letter.
         self._reply = struct.Struct(f"<{7 * len(config.windows) + 1}d")
+        #: What `declare_reads` said is read of each kind (None: all).
+        self._reads: dict[str, frozenset[str] | None] | None = None
+        #: Per kind, the features of each window.
+        self._window_features = {
+            kind: [
+                base.feature_names([window], kind) - {"seconds_since_last"}
+                for window in config.windows
+            ]
+            for kind in DISTINCT
+        }
+        #: Per `needed`, each kind's script argument of the windows it reads.
+        self._masks: dict[frozenset[str] | None, dict[str, str]] = {}
         header = self._header()
         self._observe_source = header + _LIB + _OBSERVE
         self._label_source = header + _LIB + _LABEL
@@ -638,6 +661,25 @@ class RedisTiledStore(RedisStore):
         }
         return "".join(f"local {name} = {value}\n" for name, value in constants.items())
 
+    def declare_reads(self, reads: Mapping[str, frozenset[str] | None]) -> None:
+        """Keep up to date only the windows read of each kind (`base.wanted`); the others
+        are filled afresh from their tiles if a reader comes."""
+        self._reads = dict(reads)
+        self._masks = {}
+
+    def _mask(self, needed: frozenset[str] | None) -> dict[str, str]:
+        """Each kind's windows read for `needed`: '1' or '0' per window, in order."""
+        masks = {}
+        for kind in DISTINCT:
+            wanted = base.wanted(self._reads, kind, needed)
+            masks[kind] = "".join(
+                "1" if wanted is None or not wanted.isdisjoint(names) else "0"
+                for names in self._window_features[kind]
+            )
+        if len(self._masks) < 64:
+            self._masks[needed] = masks
+        return masks
+
     def _features(
         self,
         replies: list[bytes],
@@ -671,7 +713,7 @@ class RedisTiledStore(RedisStore):
             gap = values[-1]
             features[kind] = base.select(
                 self._builder.build(kind, event.amount, raws, None if math.isnan(gap) else gap),
-                needed,
+                base.wanted(self._reads, kind, needed),
             )
         if duplicate:
             log.info(
@@ -691,7 +733,8 @@ class RedisTiledStore(RedisStore):
         """See `detector.state.base.StateStore.observe_many`: one pipeline for the batch."""
         if not events:
             return []
-        calls = [self._calls(event) for event in events]
+        masks = self._masks.get(needed) or self._mask(needed)
+        calls = [self._calls(event, masks) for event in events]
 
         def queue(pipe: Any) -> None:
             for event, (scripts, ents) in zip(events, calls, strict=True):
@@ -708,7 +751,9 @@ class RedisTiledStore(RedisStore):
             out.append(self._features(entity_replies, event, base.entities_of(event), needed))
         return out
 
-    def _calls(self, event: Event) -> tuple[list[tuple[list[str], list[str]]], str]:
+    def _calls(
+        self, event: Event, masks: dict[str, str]
+    ) -> tuple[list[tuple[list[str], list[str]]], str]:
         """Keys and arguments of each entity's script, and the label index's entity list."""
         ts = event.timestamp
         head = [
@@ -722,7 +767,7 @@ class RedisTiledStore(RedisStore):
         for kind, ident in pairs:
             start = self._entity(kind, ident)
             keys = [start + "t", *(self._generation(start, ts, d) for d in (-1, 0, 1))]
-            args = [*head, start + "g"]
+            args = [*head, start + "g", masks[kind]]
             for attr in DISTINCT[kind]:
                 value = getattr(event, attr)
                 if value is not None:

@@ -19,7 +19,9 @@ from detector.state.base import (
     Raw,
     combine_outcomes,
     entities_of,
+    feature_names,
     micros,
+    wanted,
 )
 from detector.state.memory_tiled import NATIVE_TILES, TiledMemoryStore
 from detector.state.redis_tiled import RedisTiledStore
@@ -198,25 +200,59 @@ def scaled_streams(draw: st.DrawFn) -> tuple[StateConfig, list[tuple[str, object
     return HOURS_CONFIG, stretched
 
 
+Reads = dict[str, frozenset[str] | None]
+
+#: Feature names of every window the property streams use.
+_NAMES = sorted(feature_names({*PROPERTY_CONFIG.windows, *HOURS_CONFIG.windows}))
+
+
+@st.composite
+def declared_reads(draw: st.DrawFn) -> Reads:
+    """What a detector may declare it reads: per kind nothing, everything, or some names."""
+    reads: Reads = {}
+    for kind in DISTINCT:
+        choice = draw(st.sampled_from(["none", "all", "some"]))
+        if choice == "all":
+            reads[kind] = None
+        elif choice == "some":
+            reads[kind] = frozenset(draw(st.sets(st.sampled_from(_NAMES), min_size=1)))
+    return reads
+
+
+def _only(features: dict[str, float], names: frozenset[str] | None) -> dict[str, float]:
+    return features if names is None else {n: v for n, v in features.items() if n in names}
+
+
 @settings(
     max_examples=60,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(case=scaled_streams(), batched=st.booleans(), placed=st.booleans())
+@given(
+    case=scaled_streams(),
+    batched=st.booleans(),
+    placed=st.booleans(),
+    reads=st.lists(st.tuples(st.floats(0, 1), declared_reads()), max_size=3),
+)
 def test_features_and_labels_follow_the_tiled_definition(
     make_store: Factory,
     case: tuple[StateConfig, list[tuple[str, object]]],
     batched: bool,
     placed: bool,
+    reads: list[tuple[float, Reads]],
 ) -> None:
     """Any stream gives the reference's features and label outcomes, one by one or in batches,
-    labels through the index or placed as a chargeback places them."""
+    labels through the index or placed as a chargeback places them; with reads declared on the
+    way (a store may then skip what is not read), the features read are still the reference's."""
     config, steps = case
     reference = _Reference(config)
     store = make_store(config)
     forgets = isinstance(store, TiledMemoryStore)  # idle entities, by its own clock
     batch: list[Event] = []
     expected: list[tuple[Features, set[str]]] = []
+    declared: Reads | None = None
+    changes = sorted(
+        ((int(at * len(steps)), declared) for at, declared in reads), key=lambda c: c[0]
+    )
 
     def flush() -> None:
         got = store.observe_many(batch)
@@ -224,11 +260,17 @@ def test_features_and_labels_follow_the_tiled_definition(
             if forgets:
                 features = {kind: f for kind, f in features.items() if kind not in idle}
                 want = {kind: f for kind, f in want.items() if kind not in idle}
+            if declared is not None:
+                want = {kind: _only(f, wanted(declared, kind, None)) for kind, f in want.items()}
             assert features == want
         batch.clear()
         expected.clear()
 
-    for kind, step in steps:
+    for position, (kind, step) in enumerate(steps):
+        while changes and changes[0][0] <= position:
+            flush()
+            declared = changes.pop(0)[1]
+            store.declare_reads(declared)
         if kind == "event":
             assert isinstance(step, Event)
             expected.append(reference.observe(step))
