@@ -74,6 +74,7 @@ __all__ = [
     "Event",
     "FeatureBuilder",
     "Features",
+    "Label",
     "LabelOutcome",
     "LabelPlace",
     "Raw",
@@ -84,6 +85,7 @@ __all__ = [
     "feature_names",
     "log_label",
     "micros",
+    "observe_in_turn",
     "select",
     "window_name",
 ]
@@ -136,6 +138,15 @@ class LabelPlace(NamedTuple):
 
     timestamp: float  # the transaction's event time, epoch seconds
     entities: tuple[tuple[str, str], ...]  # (kind, id), as `entities_of` gives them
+
+
+class Label(NamedTuple):
+    """A label recorded among a batch of transactions (`StateStore.observe_labelled`)."""
+
+    position: int  # recorded before events[position] (after them all at len(events))
+    transaction_id: str
+    is_fraud: bool
+    place: LabelPlace | None = None
 
 
 class Event(NamedTuple):
@@ -265,6 +276,25 @@ class StateStore(Protocol):
         """
         ...
 
+    def observe_labelled(
+        self,
+        events: Sequence[Event],
+        labels: Sequence[Label],
+        needed: frozenset[str] | None = None,
+    ) -> tuple[list[Features], list[LabelOutcome]]:
+        """`observe_many` with labels recorded among the events, all in order: each label
+        before the event at its position. One round trip to a remote store when every label
+        has its place (a replay's labels do).
+
+        Returns:
+            Each event's features, and each label's outcome.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached; what ran before may be recorded,
+                and runs again without counting twice.
+        """
+        ...
+
     def record_label(
         self, transaction_id: str, is_fraud: bool, place: LabelPlace | None = None
     ) -> LabelOutcome:
@@ -315,6 +345,26 @@ def entities_of(event: Event) -> list[tuple[str, str]]:
     if event.merchant is not None:
         pairs.append(("merchant", event.merchant))
     return pairs
+
+
+def observe_in_turn(
+    store: StateStore,
+    events: Sequence[Event],
+    labels: Sequence[Label],
+    needed: frozenset[str] | None = None,
+) -> tuple[list[Features], list[LabelOutcome]]:
+    """`StateStore.observe_labelled` by `observe_many` and `record_label` calls in turn."""
+    features: list[Features] = []
+    outcomes = []
+    done = 0
+    for label in labels:
+        if label.position > done:
+            features += store.observe_many(events[done : label.position], needed)
+            done = label.position
+        outcomes.append(store.record_label(label.transaction_id, label.is_fraud, label.place))
+    if done < len(events):
+        features += store.observe_many(events[done:], needed)
+    return features, outcomes
 
 
 def micros(amount: float) -> int:

@@ -838,6 +838,15 @@ class MemoryStore:
         """See `detector.state.base.StateStore.observe_many`."""
         return [self.observe(event, needed) for event in events]
 
+    def observe_labelled(
+        self,
+        events: Sequence[Event],
+        labels: Sequence[base.Label],
+        needed: frozenset[str] | None = None,
+    ) -> tuple[list[Features], list[LabelOutcome]]:
+        """See `StateStore.observe_labelled`: `observe_many` and `record_label` in turn."""
+        return base.observe_in_turn(self, events, labels, needed)
+
     def record_label(
         self, transaction_id: str, is_fraud: bool, place: base.LabelPlace | None = None
     ) -> LabelOutcome:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from detector.state import base
@@ -731,25 +731,67 @@ class RedisTiledStore(RedisStore):
         self, events: Sequence[Event], needed: frozenset[str] | None = None
     ) -> list[Features]:
         """See `detector.state.base.StateStore.observe_many`: one pipeline for the batch."""
-        if not events:
-            return []
+        return self.observe_labelled(events, (), needed)[0]
+
+    def observe_labelled(
+        self,
+        events: Sequence[Event],
+        labels: Sequence[base.Label],
+        needed: frozenset[str] | None = None,
+    ) -> tuple[list[Features], list[LabelOutcome]]:
+        """See `detector.state.base.StateStore.observe_labelled`: one pipeline for the
+        batch and its labels when every label has its place, else in turn."""
+        if any(label.place is None for label in labels):
+            return base.observe_in_turn(self, events, labels, needed)
+        if not events and not labels:
+            return [], []
         masks = self._masks.get(needed) or self._mask(needed)
         calls = [self._calls(event, masks) for event in events]
 
         def queue(pipe: Any) -> None:
-            for event, (scripts, ents) in zip(events, calls, strict=True):
+            at = 0
+            for position, (event, (scripts, ents)) in enumerate(zip(events, calls, strict=True)):
+                while at < len(labels) and labels[at].position <= position:
+                    self._queue_label(pipe, labels[at])
+                    at += 1
                 index = self._index(event.transaction_id)
                 pipe.set(index, repr(float(event.timestamp)) + "\0" + ents, ex=self._ttl)
                 for keys, args in scripts:
                     self._observe(keys=keys, args=args, client=pipe)
+            for label in labels[at:]:
+                self._queue_label(pipe, label)
 
-        replies = iter(self._pipeline("observe", queue))
+        replies = iter(self._pipeline("observe" if events else "label", queue))
         out = []
-        for event, (scripts, _) in zip(events, calls, strict=True):
+        outcomes = []
+        at = 0
+        for position, (event, (scripts, _)) in enumerate(zip(events, calls, strict=True)):
+            while at < len(labels) and labels[at].position <= position:
+                outcomes.append(self._label_outcome(replies, labels[at]))
+                at += 1
             next(replies)  # the index's SET
             entity_replies = [next(replies) for _ in scripts]
             out.append(self._features(entity_replies, event, base.entities_of(event), needed))
-        return out
+        for label in labels[at:]:
+            outcomes.append(self._label_outcome(replies, label))
+        return out, outcomes
+
+    def _queue_label(self, pipe: Any, label: base.Label) -> None:
+        """Queue the label script of each entity of a placed label."""
+        assert label.place is not None
+        ts, entities = label.place
+        args = [label.transaction_id, "1" if label.is_fraud else "0"]
+        for kind, ident in entities:
+            start = self._entity(kind, ident)
+            self._label(keys=[start + "t", self._generation(start, ts)], args=args, client=pipe)
+
+    def _label_outcome(self, replies: Iterator[Any], label: base.Label) -> LabelOutcome:
+        """A placed label's outcome from its entities' replies (`_queue_label`)."""
+        assert label.place is not None
+        said = {next(replies).decode() for _ in label.place.entities}
+        outcome = base.combine_outcomes(said)
+        base.log_label(log, label.transaction_id, label.is_fraud, outcome)
+        return outcome
 
     def _calls(
         self, event: Event, masks: dict[str, str]
@@ -781,27 +823,17 @@ class RedisTiledStore(RedisStore):
         """See `detector.state.StateStore.record_label`: each entity `place` names, else
         those of the label index's entry (one more round trip). The entity's generation is
         the one of the given timestamp; its tiles, those of the timestamp it recorded."""
-        entities: Sequence[tuple[str, str]] = ()
-        if place is not None:
-            ts, entities = place
-        else:
+        if place is None:
             client = self._guard("label", self._connect)
             index = self._guard("label", lambda: client.get(self._index(transaction_id)))
             if index is not None:
                 stamp, *named = index.decode().split("\0")
-                ts = float(stamp)
-                entities = [(kind, ident) for kind, _, ident in (e.partition(":") for e in named)]
-        outcomes: set[str] = set()
-        if entities:
-            args = [transaction_id, "1" if is_fraud else "0"]
-
-            def queue(pipe: Any) -> None:
-                for kind, ident in entities:
-                    start = self._entity(kind, ident)
-                    keys = [start + "t", self._generation(start, ts)]
-                    self._label(keys=keys, args=args, client=pipe)
-
-            outcomes = {reply.decode() for reply in self._pipeline("label", queue)}
-        outcome = base.combine_outcomes(outcomes)
-        base.log_label(log, transaction_id, is_fraud, outcome)
-        return outcome
+                entities = tuple(
+                    (kind, ident) for kind, _, ident in (e.partition(":") for e in named)
+                )
+                place = base.LabelPlace(float(stamp), entities)
+        if place is None or not place.entities:
+            base.log_label(log, transaction_id, is_fraud, LabelOutcome.UNKNOWN)
+            return LabelOutcome.UNKNOWN
+        label = base.Label(0, transaction_id, is_fraud, place)
+        return self.observe_labelled((), [label])[1][0]

@@ -16,6 +16,7 @@ from detector.state.base import (
     DISTINCT,
     FeatureBuilder,
     Features,
+    Label,
     Raw,
     combine_outcomes,
     entities_of,
@@ -254,8 +255,13 @@ def test_features_and_labels_follow_the_tiled_definition(
         ((int(at * len(steps)), declared) for at, declared in reads), key=lambda c: c[0]
     )
 
+    labels: list[Label] = []  # in a batch: recorded among its events
+    outcomes: list[tuple[LabelOutcome, bool]] = []
+
     def flush() -> None:
-        got = store.observe_many(batch)
+        got, said = store.observe_labelled(batch, labels)
+        for outcome, (want_outcome, predicted) in zip(said, outcomes, strict=True):
+            assert outcome == want_outcome or (forgets and not predicted)
         for features, (want, idle) in zip(got, expected, strict=True):
             if forgets:
                 features = {kind: f for kind, f in features.items() if kind not in idle}
@@ -265,6 +271,8 @@ def test_features_and_labels_follow_the_tiled_definition(
             assert features == want
         batch.clear()
         expected.clear()
+        labels.clear()
+        outcomes.clear()
 
     for position, (kind, step) in enumerate(steps):
         while changes and changes[0][0] <= position:
@@ -278,15 +286,18 @@ def test_features_and_labels_follow_the_tiled_definition(
             if not batched:
                 flush()
         else:
-            flush()
             assert isinstance(step, tuple)
             txid, is_fraud = step
             outcome, predicted = reference.record_label(txid, is_fraud)
             place = None
             if placed and txid in reference.times:  # as a chargeback gives it: no index
                 place = LabelPlace(reference.times[txid], tuple(reference.index[txid]))
-            got = store.record_label(txid, is_fraud, place)
-            assert got == outcome or (forgets and not predicted)
+            if batched:  # among the batch's events, as a replay records them
+                labels.append(Label(len(batch), txid, is_fraud, place))
+                outcomes.append((outcome, predicted))
+            else:
+                got = store.record_label(txid, is_fraud, place)
+                assert got == outcome or (forgets and not predicted)
     flush()
 
 
