@@ -15,10 +15,19 @@ import orjson
 
 from detector.rules import Ruleset
 from detector.state import Event, LabelOutcome, LabelPlace, StateStore
+from detector.state.base import Label, entities_of
 from detector.transaction import Transaction, rfc3339
 from detector.vocabulary import ENTITY_VARIABLES
 
-__all__ = ["Contribution", "Detector", "Request", "RiskModel", "Verdict", "entity_reads"]
+__all__ = [
+    "Contribution",
+    "Detector",
+    "Observed",
+    "Request",
+    "RiskModel",
+    "Verdict",
+    "entity_reads",
+]
 
 _SEVERITY_SCORE = {"block": 1.0, "review": 0.5, "allow": 0.0}
 
@@ -147,6 +156,15 @@ class Request(NamedTuple):
     decided_at: datetime
 
 
+class Observed(NamedTuple):
+    """A batch after its state call (`Detector.observe_labelled`), before its decisions."""
+
+    requests: Sequence[Request]
+    ids: list[str]  # each transaction's id
+    activations: list[dict[str, Any]]  # what rules and model see of each
+    outcomes: list[LabelOutcome]  # of the labels recorded among them
+
+
 class Detector:
     """Decides on transactions with rules, stream state and an optional risk model."""
 
@@ -229,6 +247,31 @@ class Detector:
         Raises:
             TransientError: the state store failed; nothing of the batch was decided.
         """
+        return self.decide_labelled(requests, ())[0]
+
+    def decide_labelled(
+        self, requests: Sequence[Request], labels: Sequence[Label]
+    ) -> tuple[list[Verdict], list[LabelOutcome]]:
+        """`decide_many` with labels recorded among the transactions, as `record_label`
+        between `decide` calls would (`StateStore.observe_labelled`: one round trip to Redis
+        when the labels have their places); the verdicts, and the labels' outcomes (none
+        without a state store).
+
+        Raises:
+            TransientError: the state store failed; nothing of the batch was decided.
+        """
+        observed = self.observe_labelled(requests, labels)
+        return self.verdicts(observed), observed.outcomes
+
+    def observe_labelled(self, requests: Sequence[Request], labels: Sequence[Label]) -> Observed:
+        """The state half of `decide_labelled`: what rules and model will see of each
+        transaction, the transactions and labels recorded. It may run in another thread
+        than `verdicts`, one call at a time, while `verdicts` decides on an earlier batch.
+
+        Raises:
+            TransientError: the state store failed.
+        """
+        outcomes: list[LabelOutcome] = []
         ids = [r.transaction.transaction_id or r.message_id or uuid.uuid4().hex for r in requests]
         moments = [r.transaction.timestamp or r.default_time for r in requests]
         activations = [
@@ -240,14 +283,19 @@ class Detector:
                 _event(r.transaction, tid, moment)
                 for r, tid, moment in zip(requests, ids, moments, strict=True)
             ]
-            for activation, features in zip(
-                activations, self.store.observe_many(events, needed=self._needed), strict=True
-            ):
+            features, outcomes = self.store.observe_labelled(events, labels, self._needed)
+            for activation, entities in zip(activations, features, strict=True):
                 for entity, variable in ENTITY_VARIABLES.items():
-                    activation[variable] = features.get(entity, {})
+                    activation[variable] = entities.get(entity, {})
+        return Observed(requests, ids, activations, outcomes)
+
+    def verdicts(self, observed: Observed) -> list[Verdict]:
+        """The decision half of `decide_labelled`: score and rules on each activation."""
         return [
             self._verdict(r.raw, activation, tid, r.message_id, r.decided_at)
-            for r, activation, tid in zip(requests, activations, ids, strict=True)
+            for r, activation, tid in zip(
+                observed.requests, observed.activations, observed.ids, strict=True
+            )
         ]
 
     def _verdict(
@@ -283,6 +331,14 @@ class Detector:
                 for f in factors
             ]
         return Verdict(transaction_id, decision, score, self.rules.version, body)
+
+    @staticmethod
+    def place(request: Request) -> LabelPlace:
+        """Where a request's transaction is recorded, for a label of it (`LabelPlace`)."""
+        transaction = request.transaction
+        moment = transaction.timestamp or request.default_time
+        event = _event(transaction, "", moment)
+        return LabelPlace(event.timestamp, tuple(entities_of(event)))
 
     def record_label(
         self, transaction_id: str, is_fraud: bool, place: LabelPlace | None = None

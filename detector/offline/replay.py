@@ -23,11 +23,11 @@ from __future__ import annotations
 import gc
 import heapq
 import logging
-import math
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,11 +36,12 @@ from typing import IO, Any
 
 import orjson
 
-from detector.engine import Detector, Request, Verdict
+from detector.engine import Detector, Observed, Request, Verdict
 from detector.errors import InputError, MessageError
 from detector.offline.evaluate import auc_roc, average_precision
 from detector.offline.labels import Timed
-from detector.state import LabelOutcome
+from detector.state import LabelOutcome, LabelPlace
+from detector.state.base import Label
 from detector.transaction import Transaction, decode
 
 __all__ = [
@@ -65,6 +66,10 @@ class Decoded:
     transaction: Transaction
     moment: datetime
 
+
+#: A label not yet known: (known at, sequence, transaction_id, is_fraud, where its
+#: transaction is recorded, when known).
+_Pending = tuple[float, int, str, bool, LabelPlace | None]
 
 #: A decoded line: (event time in epoch seconds, transaction_id, raw, transaction, moment).
 Row = tuple[float, str, dict[str, Any], Transaction, datetime]
@@ -211,40 +216,46 @@ class Replayer:
         self.progress = progress
         self.outcome = Outcome()
         self.stream = Stream((), until.timestamp() if until is not None else None, lateness)
-        # Labels not yet known: (known at, sequence, transaction_id, is_fraud), taken in that
-        # order. They come in order while lines do (a constant delay after event time), so
+        # Labels not yet known: (known at, sequence, transaction_id, is_fraud, place or
+        # None), taken in that order. They come in order while lines do (a constant delay after event time), so
         # they queue in a deque; a label that would come before the last queued (after a
         # line out of order) goes to a heap instead, which costs more per label.
-        self.pending: deque[tuple[float, int, str, bool]] = deque()
-        self.early: list[tuple[float, int, str, bool]] = []
+        self.pending: deque[_Pending] = deque()
+        self.early: list[_Pending] = []
         self.sequence = 0
         self._record_label = detector.record_label if detector.store is not None else None
         #: Labels the store could not count (unknown to every entity), since the start.
         self.unknown = 0
 
-    def _inject(self, when: float) -> int:
-        """Record in the store the labels known by event time `when`; how many there were."""
-        pending, early, record_label = self.pending, self.early, self._record_label
-        count = 0
+    def _due(self, when: float) -> Iterator[_Pending]:
+        """Take the labels known by event time `when`, in order."""
+        pending, early = self.pending, self.early
         while True:
             if pending and pending[0][0] <= when:
-                label = (
-                    heapq.heappop(early) if early and early[0] < pending[0] else pending.popleft()
-                )
+                yield heapq.heappop(early) if early and early[0] < pending[0] else pending.popleft()
             elif early and early[0][0] <= when:
-                label = heapq.heappop(early)
+                yield heapq.heappop(early)
             else:
-                return count
+                return
+
+    def _inject(self, when: float) -> int:
+        """Record in the store the labels known by event time `when`; how many there were."""
+        record_label = self._record_label
+        count = 0
+        for label in self._due(when):
             if (
                 record_label is not None
                 and record_label(label[2], label[3]) is LabelOutcome.UNKNOWN
             ):
                 self.unknown += 1
             count += 1
+        return count
 
-    def _expect(self, when: float, transaction_id: str, fraud: bool) -> None:
+    def _expect(
+        self, when: float, transaction_id: str, fraud: bool, place: LabelPlace | None = None
+    ) -> None:
         """The label of a transaction at `when` becomes known `label_delay` later."""
-        label = (when + self.label_delay, self.sequence, transaction_id, fraud)
+        label = (when + self.label_delay, self.sequence, transaction_id, fraud, place)
         self.sequence += 1
         if self.pending and label < self.pending[-1]:
             heapq.heappush(self.early, label)
@@ -309,6 +320,8 @@ class Replayer:
         started = time.perf_counter()
         cpu_started = time.process_time()
 
+        singly = self.batch <= 1
+
         def one_by_one() -> Iterator[tuple[float, str, Verdict]]:
             for when, tid, raw, transaction, moment in stream.rows():
                 if (pending and pending[0][0] <= when) or (early and early[0][0] <= when):
@@ -326,7 +339,7 @@ class Replayer:
 
         try:
             with _collector_paused():
-                verdicts = one_by_one() if self.batch <= 1 else self._batches(stream)
+                verdicts = one_by_one() if singly else self._batches(stream)
                 for when, tid, verdict in verdicts:
                     count += 1
                     decision = verdict.decision
@@ -339,7 +352,8 @@ class Replayer:
                         labelled += 1
                         if scored:
                             scores.append((verdict.score, fraud))
-                        expect(when, tid, fraud)
+                        if singly:
+                            expect(when, tid, fraud)  # batches queue labels as they read
                         if fraud:
                             frauds += 1
                             if decision != "allow":
@@ -372,35 +386,61 @@ class Replayer:
         return outcome
 
     def _batches(self, stream: Stream) -> Iterator[tuple[float, str, Verdict]]:
-        """`decide`'s verdicts, decided `batch` at a time, the same as one by one: a batch
-        ends where a label becomes known (injected before the next transaction), and before a
-        transaction by which a label of one in the batch could be known."""
-        detector, pending, early, delay = self.detector, self.pending, self.early, self.label_delay
-        rows: list[tuple[float, str, Request]] = []
-        earliest = math.inf
+        """`decide`'s verdicts, decided `batch` at a time, the same as one by one.
 
-        def flush() -> Iterator[tuple[float, str, Verdict]]:
-            nonlocal earliest
-            batch = rows[:]
-            rows.clear()
-            earliest = math.inf
-            if batch:
-                verdicts = detector.decide_many([request for _, _, request in batch])
-                for (when, tid, _), verdict in zip(batch, verdicts, strict=True):
-                    yield when, tid, verdict
+        Each transaction's label is queued as its line is read, and the labels that become
+        known on the way are recorded among the batch's transactions, in order, so what
+        the store sees does not depend on any verdict. So the state call of the next batch
+        (`Detector.observe_labelled`: one round trip to Redis) runs in a thread while this
+        one's verdicts are decided: the store's time and the decisions' overlap.
+        """
+        detector = self.detector
+        ahead: tuple[list[tuple[float, str]], Future[Observed]] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="replay-state") as state:
+            for rows, requests, labels in self._plan(stream):
+                observing = state.submit(detector.observe_labelled, requests, labels)
+                if ahead is not None:
+                    yield from self._decided(*ahead)
+                ahead = (rows, observing)
+            if ahead is not None:
+                yield from self._decided(*ahead)
 
+    def _decided(
+        self, rows: list[tuple[float, str]], observing: Future[Observed]
+    ) -> Iterator[tuple[float, str, Verdict]]:
+        observed = observing.result()
+        self.unknown += observed.outcomes.count(LabelOutcome.UNKNOWN)
+        for (when, tid), verdict in zip(rows, self.detector.verdicts(observed), strict=True):
+            yield when, tid, verdict
+
+    def _plan(
+        self, stream: Stream
+    ) -> Iterator[tuple[list[tuple[float, str]], list[Request], list[Label]]]:
+        """The stream cut in batches: (event time, id) and request of each transaction, and
+        the labels that become known among them, each before the first transaction at or
+        after the time it is known."""
+        detector, pending, early, expect = self.detector, self.pending, self.early, self._expect
+        get_truth = self.truth.get
+        rows: list[tuple[float, str]] = []
+        requests: list[Request] = []
+        labels: list[Label] = []
         for when, tid, raw, transaction, moment in stream.rows():
-            if when >= earliest + delay:
-                yield from flush()  # the caller queues those labels
             if (pending and pending[0][0] <= when) or (early and early[0][0] <= when):
-                yield from flush()
-                self.injected += self._inject(when)
-            earliest = min(earliest, when)
+                for _, _, label_id, is_fraud, place in self._due(when):
+                    labels.append(Label(len(rows), label_id, is_fraud, place))
+                    self.injected += 1
             message_id = None if transaction.transaction_id else tid
-            rows.append((when, tid, Request(raw, transaction, message_id, moment, moment)))
+            request = Request(raw, transaction, message_id, moment, moment)
+            rows.append((when, tid))
+            requests.append(request)
+            fraud = get_truth(tid)
+            if fraud is not None:
+                expect(when, tid, fraud, detector.place(request))
             if len(rows) >= self.batch:
-                yield from flush()
-        yield from flush()
+                yield rows, requests, labels
+                rows, requests, labels = [], [], []
+        if rows:
+            yield rows, requests, labels
 
 
 @contextmanager

@@ -301,8 +301,9 @@ def test_batched_decisions_give_the_verdicts_of_one_by_one(
     stream: tuple[Path, Path], delay: float
 ) -> None:
     """Deciding up to 50 transactions with one state call (as replay on Redis does) gives
-    the same verdicts, byte for byte, whatever the label delay: a batch ends where a label
-    becomes known, and where a label of one of its own transactions could."""
+    the same verdicts, byte for byte, whatever the label delay: labels that become known
+    are recorded among the batch's transactions, and a batch ends where a label of one of its
+    own transactions could become known."""
     transactions, labels_path = stream
     labels = read_labels(labels_path)
     lines = transactions.read_bytes().splitlines()[:6000]
