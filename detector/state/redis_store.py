@@ -329,13 +329,14 @@ class RedisStore:
                 )
             self._observe = client.register_script(self._observe_source)
             self._label = client.register_script(self._label_source)
-            if enabled:
-                self._load_scripts(client)
+            # Loaded here, and again after a NOSCRIPT (`_pipeline`): pipelines send only
+            # EVALSHA, without a SCRIPT EXISTS round trip before each.
+            self._load_scripts(client)
             self._client = client
         return self._client
 
     def _load_scripts(self, client: redis.Redis | redis.cluster.RedisCluster) -> None:
-        """Load the scripts on every primary: a cluster pipeline only sends EVALSHA."""
+        """Load the scripts (on every primary of a cluster)."""
         for script in (self._observe, self._label):
             script.sha = client.script_load(script.script)
 
@@ -404,7 +405,7 @@ class RedisStore:
                 pipe.set(self._index(event.transaction_id), args[0] + "\0" + args[-1])
                 pipe.expire(self._index(event.transaction_id), self._ttl)
                 for keys in entity_keys:
-                    self._observe(keys=keys, args=args[1:-1], client=pipe)
+                    pipe.evalsha(self._observe.sha, len(keys), *keys, *args[1:-1])
 
         replies = iter(self._pipeline("observe", queue))
         out = []
@@ -506,7 +507,7 @@ class RedisStore:
             def queue(pipe: Any) -> None:
                 for kind, _, ident in entities:
                     start = self._entity(kind, ident)
-                    self._label(keys=[start + "f", start + "i"], args=args, client=pipe)
+                    pipe.evalsha(self._label.sha, 2, start + "f", start + "i", *args)
 
             outcomes = {reply.decode() for reply in self._pipeline("label", queue)}
         outcome = base.combine_outcomes(outcomes)

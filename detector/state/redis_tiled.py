@@ -749,6 +749,7 @@ class RedisTiledStore(RedisStore):
         calls = [self._calls(event, masks) for event in events]
 
         def queue(pipe: Any) -> None:
+            sha = self._observe.sha
             at = 0
             for position, (event, (scripts, ents)) in enumerate(zip(events, calls, strict=True)):
                 while at < len(labels) and labels[at].position <= position:
@@ -757,7 +758,7 @@ class RedisTiledStore(RedisStore):
                 index = self._index(event.transaction_id)
                 pipe.set(index, repr(float(event.timestamp)) + "\0" + ents, ex=self._ttl)
                 for keys, args in scripts:
-                    self._observe(keys=keys, args=args, client=pipe)
+                    pipe.evalsha(sha, len(keys), *keys, *args)
             for label in labels[at:]:
                 self._queue_label(pipe, label)
 
@@ -783,7 +784,7 @@ class RedisTiledStore(RedisStore):
         args = [label.transaction_id, "1" if label.is_fraud else "0"]
         for kind, ident in entities:
             start = self._entity(kind, ident)
-            self._label(keys=[start + "t", self._generation(start, ts)], args=args, client=pipe)
+            pipe.evalsha(self._label.sha, 2, start + "t", self._generation(start, ts), *args)
 
     def _label_outcome(self, replies: Iterator[Any], label: base.Label) -> LabelOutcome:
         """A placed label's outcome from its entities' replies (`_queue_label`)."""

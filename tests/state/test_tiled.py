@@ -349,3 +349,25 @@ def test_cost_does_not_grow_with_history(redis_url: str) -> None:
     """A merchant with 10,000 transactions in its windows costs about what one with 10 does."""
     few, many = (_server_usec_per_script(redis_url, history) for history in (10, 10_000))
     assert many < 2 * few, f"{many:.1f} µs per script after 10,000, {few:.1f} after 10"
+
+
+def test_scripts_the_server_lost_are_loaded_again(redis_url: str) -> None:
+    """A restarted or failed-over server has no scripts: the next pipeline loads them and
+    runs again, counting nothing twice."""
+    store = RedisTiledStore(StateConfig(), redis_url, prefix=unique("tiled") + ":")
+    client = redis.Redis.from_url(redis_url)
+    start = 1_700_000_000.0
+    try:
+        store.observe(Event("a1", start, 10.0, "c1"))
+        client.script_flush()
+        features = store.observe_many(
+            [Event("a2", start + 60, 20.0, "c1"), Event("a1", start, 10.0, "c1")]
+        )
+        assert [f["customer"]["count_1h"] for f in features] == [1.0, 0.0]  # a1 held: once
+        client.script_flush()
+        assert store.record_label("a1", True) is LabelOutcome.APPLIED
+        assert store.observe(Event("a3", start + 120, 5.0, "c1"))["customer"]["fraud_count_1h"] == 1
+    finally:
+        store.drop()
+        store.close()
+        client.close()
