@@ -525,17 +525,22 @@ local field = 'i' .. txid
 local held = redis.call('HGET', KEYS[2], field)
 if not held then return 'unknown' end
 local ts, micro, old = struct.unpack('<ddd', held)
-local fields, tile = {'m'}, {}
-for L = 1, NLEV do
-  tile[L] = math.floor(ts / WIDTH[L])
-  fields[1 + L] = tile_name(L, tile[L])
-end
-local got = redis.call('HMGET', KEYS[1], unpack(fields))
-local newest, glo, ghi, m = read_meta(got[1])
-if newest == nil or not (ts > newest - KEEP) then return 'unknown' end
-if old == label then return 'duplicate' end
+-- Most labels say "not fraud" of a transaction never labelled: they change no count, and
+-- read only the newest timestamp of the meta.
 local delta = (label == 1 and 1 or 0) - (old == 1 and 1 or 0)
-if delta ~= 0 then
+if delta == 0 then
+  local meta = redis.call('HGET', KEYS[1], 'm')
+  if not meta or not (ts > struct.unpack('<d', meta) - KEEP) then return 'unknown' end
+  if old == label then return 'duplicate' end
+else
+  local fields, tile = {'m'}, {}
+  for L = 1, NLEV do
+    tile[L] = math.floor(ts / WIDTH[L])
+    fields[1 + L] = tile_name(L, tile[L])
+  end
+  local got = redis.call('HMGET', KEYS[1], unpack(fields))
+  local newest, glo, ghi, m = read_meta(got[1])
+  if newest == nil or not (ts > newest - KEEP) then return 'unknown' end
   local wr = {}
   for L = 1, NLEV do
     local k = tile[L]
