@@ -89,8 +89,8 @@ end
 
 _OBSERVE = r"""
 -- One entity. KEYS: its windows' hash, then its generations n-1, n, n+1 (n of the timestamp).
--- ARGV: txid, timestamp, micros, amount, generation key base, the windows read (a '1' or
--- '0' per window), then the field of each attribute's value (``v``, the attribute's
+-- ARGV: txid, timestamp, micros, amount, generation key base, what is read (a '1' or '0'
+-- per window, then one for seconds_since_last), then the field of each attribute's value (``v``, the attribute's
 -- letter, the value).
 local main = KEYS[1]
 local txid, ts, micro, amount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
@@ -99,6 +99,9 @@ local gbase = ARGV[5]
 -- A window nobody reads is not kept up to date: it is marked stale, and filled afresh from
 -- its tiles when a reader comes. What is recorded is the same either way.
 local read = {string.byte(ARGV[6], 1, NWIN)}
+-- Nothing read of this entity (no '1', seconds_since_last's last char included): the
+-- reply is the status alone.
+local quiet = not string.find(ARGV[6], '1', 1, true)
 -- The timestamp's generation and tiles, as the client computes them (floor of a quotient).
 local gen = math.floor(ts / GSPAN)
 local kk = {}
@@ -358,20 +361,23 @@ end
 
 -- The reply: the status's letter, then per window (count, sum, max, fraud, distinct 1..3)
 -- and seconds_since_last (NaN when none) as doubles; zeros for a window not read.
-local out, o = {unpack(REPLY0)}, 0  -- built at its full size at once
-for w = 1, NWIN do
-  if mode[w] then
-    local b = WB[w]
-    local count, total, fraud = m[b + 3], m[b + 4], m[b + 5]
-    if held and kk[WL[w]] >= F[WL[w]] then  -- a redelivery leaves its own amount out
-      count = count - 1
-      total = total - held[2]
-      if held[3] == 1 then fraud = fraud - 1 end
+local out, o = nil, 0
+if not quiet then
+  out = {unpack(REPLY0)}  -- built at its full size at once
+  for w = 1, NWIN do
+    if mode[w] then
+      local b = WB[w]
+      local count, total, fraud = m[b + 3], m[b + 4], m[b + 5]
+      if held and kk[WL[w]] >= F[WL[w]] then  -- a redelivery leaves its own amount out
+        count = count - 1
+        total = total - held[2]
+        if held[3] == 1 then fraud = fraud - 1 end
+      end
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = count, total, m[b + 6], fraud
+      out[o + 5], out[o + 6], out[o + 7] = m[b + 8], m[b + 9], m[b + 10]
     end
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = count, total, m[b + 6], fraud
-    out[o + 5], out[o + 6], out[o + 7] = m[b + 8], m[b + 9], m[b + 10]
+    o = o + 7
   end
-  o = o + 7
 end
 
 -- seconds_since_last, from the ring of the greatest (timestamp, id), greatest first.
@@ -393,7 +399,9 @@ while pos <= #ring do
   end
   pos = pos + 10 + len
 end
-if last ~= nil and last > ts - LOOKBACK then out[o + 1] = ts - last else out[o + 1] = 0 / 0 end
+if out then
+  if last ~= nil and last > ts - LOOKBACK then out[o + 1] = ts - last else out[o + 1] = 0 / 0 end
+end
 
 if status == 'new' then
   local gw = {'i' .. txid, struct.pack('<ddd', ts, micro, -1)}
@@ -513,6 +521,7 @@ if status == 'new' then
   redis.call('EXPIRE', main, TTL)
   redis.call('EXPIRE', KEYS[3], TTL)
 end
+if quiet then return STATUS[status] end
 return STATUS[status] .. struct.pack(REPLY, unpack(out, 1, o + 1))
 """
 
@@ -673,14 +682,15 @@ class RedisTiledStore(RedisStore):
         self._masks = {}
 
     def _mask(self, needed: frozenset[str] | None) -> dict[str, str]:
-        """Each kind's windows read for `needed`: '1' or '0' per window, in order."""
+        """What each kind reads for `needed`: '1' or '0' per window, in order, then one
+        for seconds_since_last."""
         masks = {}
         for kind in DISTINCT:
             wanted = base.wanted(self._reads, kind, needed)
             masks[kind] = "".join(
                 "1" if wanted is None or not wanted.isdisjoint(names) else "0"
                 for names in self._window_features[kind]
-            )
+            ) + ("1" if wanted is None or "seconds_since_last" in wanted else "0")
         if len(self._masks) < 64:
             self._masks[needed] = masks
         return masks
@@ -710,6 +720,9 @@ class RedisTiledStore(RedisStore):
                     self.config.allowed_lateness,
                     kind,
                 )
+            if len(reply) == 1:  # nothing read of it
+                features[kind] = {}
+                continue
             values = unpack(reply, 1)
             raws: list[base.Raw] = []
             for at in range(0, len(values) - 1, 7):
