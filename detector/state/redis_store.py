@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -239,6 +240,60 @@ def _attr(value: str | None) -> str:
 
 _Call = tuple[list[list[str]], list[tuple[str, str]], list[str]]
 
+#: Commands per write of a streamed pipeline (`_Stream`).
+_CHUNK = 256
+
+
+class _Stream:
+    """A pipeline on one connection that sends its commands in chunks as they are queued
+    and reads the replies of each chunk after sending the next: the server runs a chunk
+    while the client builds and packs the next one, and parses the one before. The same
+    commands in the same order as one pipeline; one round trip's wait instead of one per
+    chunk. Queues what `_pipeline`'s callers queue (``set``, ``evalsha``)."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        self._queued: list[tuple[Any, ...]] = []
+        self._sent: deque[int] = deque()
+        self.replies: list[Any] = []
+
+    def set(self, name: str, value: str, ex: int) -> None:
+        self._queue(("SET", name, value, "EX", ex))
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: str) -> None:
+        self._queue(("EVALSHA", sha, numkeys, *keys_and_args))
+
+    def _queue(self, command: tuple[Any, ...]) -> None:
+        self._queued.append(command)
+        if len(self._queued) >= _CHUNK:
+            self._send()
+
+    def _send(self) -> None:
+        connection = self._connection
+        connection.send_packed_command(connection.pack_commands(self._queued))
+        self._sent.append(len(self._queued))
+        self._queued = []
+        if len(self._sent) > 1:
+            self._read(self._sent.popleft())
+
+    def _read(self, count: int) -> None:
+        for _ in range(count):
+            try:
+                self.replies.append(self._connection.read_response())
+            except redis.exceptions.ResponseError as error:  # in its place, as a pipeline
+                self.replies.append(error)
+
+    def finish(self) -> list[Any]:
+        """Send what is left and read every reply; raise the first error reply."""
+        if self._queued:
+            self._send()
+        while self._sent:
+            self._read(self._sent.popleft())
+        for reply in self.replies:
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply
+        return self.replies
+
 
 class RedisStore:
     """State in Redis or Valkey, single node or cluster: many function instances share it.
@@ -340,22 +395,41 @@ class RedisStore:
         for script in (self._observe, self._label):
             script.sha = client.script_load(script.script)
 
-    def _pipeline(self, what: str, queue: Callable[[Any], None]) -> list[Any]:
-        """Queue commands on a pipeline and run it: one round trip per node."""
+    def _pipeline(
+        self, what: str, queue: Callable[[Any], None], *, stream: bool = False
+    ) -> list[Any]:
+        """Queue commands on a pipeline and run it: one round trip per node. `stream` (for
+        batches of many transactions): on a single node, send it in chunks as it is queued
+        (`_Stream`)."""
         client = self._guard(what, self._connect)
 
-        def run() -> list[Any]:
+        def execute() -> list[Any]:
+            if stream and not isinstance(client, redis.cluster.RedisCluster):
+                pool = client.connection_pool
+                connection = pool.get_connection()
+                try:
+                    streamed = _Stream(connection)
+                    queue(streamed)
+                    return streamed.finish()
+                except redis.exceptions.ResponseError:
+                    raise  # every reply was read: the connection is in step
+                except BaseException:
+                    connection.disconnect()  # replies may be left unread on it
+                    raise
+                finally:
+                    pool.release(connection)
             pipe = client.pipeline(transaction=False)
             queue(pipe)
+            return list(pipe.execute())
+
+        def run() -> list[Any]:
             try:
-                return list(pipe.execute())
+                return execute()
             except redis.exceptions.NoScriptError:
                 # A node restarted or failed over: load again and run again (every script
                 # is idempotent per entity, so what did run is not counted twice).
                 self._load_scripts(client)
-                pipe = client.pipeline(transaction=False)
-                queue(pipe)
-                return list(pipe.execute())
+                return execute()
 
         result: list[Any] = self._guard(what, run)
         return result

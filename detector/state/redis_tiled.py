@@ -780,7 +780,8 @@ class RedisTiledStore(RedisStore):
             for label in labels[at:]:
                 self._queue_label(pipe, label)
 
-        replies = iter(self._pipeline("observe" if events else "label", queue))
+        many = len(events) + len(labels) > 1
+        replies = iter(self._pipeline("observe" if events else "label", queue, stream=many))
         out = []
         outcomes = []
         at = 0

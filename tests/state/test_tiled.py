@@ -371,3 +371,31 @@ def test_scripts_the_server_lost_are_loaded_again(redis_url: str) -> None:
         store.drop()
         store.close()
         client.close()
+
+
+def test_a_long_batch_streamed_in_chunks_gives_the_features_of_memory(redis_url: str) -> None:
+    """A batch of many transactions goes to a single node in chunks, replies read a chunk
+    behind (`_Stream`): the same features as the memory store, labels among them."""
+    config = HOURS_CONFIG
+    start = 1_700_000_000.0
+    events = [
+        Event(f"x{n}", start + n * 37.0, float(n % 97), f"c{n % 7}", f"k{n % 5}", f"t{n % 11}")
+        for n in range(1_500)
+    ]
+    labels = [
+        Label(position, f"x{position - 3}", position % 2 == 0, None)
+        for position in range(10, 1_500, 97)
+    ]
+    placed = [
+        label._replace(place=LabelPlace(e.timestamp, tuple(entities_of(e))))
+        for label, e in zip(labels, (events[lb.position - 3] for lb in labels), strict=True)
+    ]
+    store = RedisTiledStore(config, redis_url, prefix=unique("tiled") + ":")
+    try:
+        got = store.observe_labelled(events, placed)
+        want = TiledMemoryStore(config, native=False).observe_labelled(events, labels)
+        assert got == want
+        assert len(got[0]) == 1_500 and LabelOutcome.APPLIED in got[1]
+    finally:
+        store.drop()
+        store.close()
