@@ -229,7 +229,7 @@ def server_cost(url: str) -> str:
     finally:
         client.close()
     parts = []
-    for name in ("evalsha", "eval"):
+    for name in ("evalsha", "eval", "fcall"):
         entry = stats.get(f"cmdstat_{name}")
         if entry:
             parts.append(f"{name} {entry['calls']} calls, {entry['usec_per_call']:.1f} us/call")

@@ -7,8 +7,8 @@ Stream: transactions over a month of event time, each naming a customer, the cus
 a terminal and a merchant (merchants Zipf-skewed), in `observe_many` batches of 500, with the
 shipped detector's windows: once computing every feature, once only what its rules and model
 read (the default features; the detector declares them, `declare_reads`). Server time is the
-``usec`` of EVALSHA in ``INFO commandstats`` (statistics reset before), i.e. the scripts' own
-time on the server, all entities of a transaction together.
+``usec`` of EVALSHA and FCALL in ``INFO commandstats`` (statistics reset before), i.e. the
+scripts' own time on the server, all entities of a transaction together.
 
 The exact `RedisStore` then runs the same stream in the same run, for the ratio.
 
@@ -37,7 +37,7 @@ from detector.state import Event, StateConfig
 from detector.state.redis_store import RedisStore
 from detector.state.redis_tiled import RedisTiledStore
 from detector.vocabulary import DAY
-from stack.services import redis_server, unique
+from stack.services import redis_server, script_time, unique
 
 START = 1_700_000_000.0
 BATCH = 500
@@ -67,12 +67,6 @@ def stream(
     return events
 
 
-def server_usec(client: redis.Redis) -> tuple[float, int]:
-    """(usec, calls) of EVALSHA since the last CONFIG RESETSTAT."""
-    stats = client.info("commandstats").get("cmdstat_evalsha", {})
-    return float(stats.get("usec", 0)), int(stats.get("calls", 0))
-
-
 def run(store: RedisStore, client: redis.Redis, events: list[Event]) -> tuple[float, float]:
     """Observe the events in batches; (server µs per transaction, client transactions/s)."""
     client.config_resetstat()
@@ -80,7 +74,7 @@ def run(store: RedisStore, client: redis.Redis, events: list[Event]) -> tuple[fl
     for at in range(0, len(events), BATCH):
         store.observe_many(events[at : at + BATCH])
     elapsed = time.perf_counter() - began
-    usec, _ = server_usec(client)
+    usec, _ = script_time(client)
     return usec / len(events), len(events) / elapsed
 
 
@@ -151,7 +145,7 @@ def flat_cost(url: str, client: redis.Redis, hot: int) -> dict[int, float]:
         client.config_resetstat()
         for at in range(0, len(later), BATCH):
             store.observe_many(later[at : at + BATCH])
-        usec, calls = server_usec(client)
+        usec, calls = script_time(client)
         out[history] = usec / calls
         store.drop()
         store.close()

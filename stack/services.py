@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -48,6 +49,18 @@ def free_cluster_port() -> int:
             except OSError:
                 continue
         return port
+
+
+def script_time(client: Any) -> tuple[float, int]:
+    """Server µs and calls of Lua since the last CONFIG RESETSTAT (``INFO commandstats``):
+    scripts (EVALSHA) and functions (FCALL) together, as a store runs one or the other."""
+    stats = client.info("commandstats")
+    usec, calls = 0.0, 0
+    for command in ("evalsha", "fcall"):
+        entry = stats.get(f"cmdstat_{command}", {})
+        usec += float(entry.get("usec", 0))
+        calls += int(entry.get("calls", 0))
+    return usec, calls
 
 
 def unique(prefix: str) -> str:

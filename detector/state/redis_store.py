@@ -240,6 +240,13 @@ def _attr(value: str | None) -> str:
 
 _Call = tuple[list[list[str]], list[tuple[str, str]], list[str]]
 
+
+def _lost_scripts(error: redis.exceptions.ResponseError) -> bool:
+    """Whether an error says the server lacks a script or function the store loaded."""
+    # A pipeline's error names its command before the server's words.
+    return isinstance(error, redis.exceptions.NoScriptError) or "Function not found" in str(error)
+
+
 #: Commands per write of a streamed pipeline (`_Stream`).
 _CHUNK = 256
 
@@ -262,6 +269,9 @@ class _Stream:
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: str) -> None:
         self._queue(("EVALSHA", sha, numkeys, *keys_and_args))
+
+    def fcall(self, function: str, numkeys: int, *keys_and_args: str) -> None:
+        self._queue(("FCALL", function, numkeys, *keys_and_args))
 
     def _queue(self, command: tuple[Any, ...]) -> None:
         self._queued.append(command)
@@ -425,7 +435,9 @@ class RedisStore:
         def run() -> list[Any]:
             try:
                 return execute()
-            except redis.exceptions.NoScriptError:
+            except redis.exceptions.ResponseError as error:
+                if not _lost_scripts(error):
+                    raise
                 # A node restarted or failed over: load again and run again (every script
                 # is idempotent per entity, so what did run is not counted twice).
                 self._load_scripts(client)

@@ -36,11 +36,16 @@ tiles if a reader comes; what is recorded does not change.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+import redis
+import redis.cluster
+import redis.exceptions
 
 from detector.state import base
 from detector.state.base import DISTINCT, Event, Features, LabelOutcome, StateConfig
@@ -54,7 +59,7 @@ log = logging.getLogger(__name__)
 # Shared by both scripts, after the configuration's constants (see `RedisTiledStore._header`):
 # meta, tiles, and the tiles' names.
 _LIB = r"""
-local NEG = -math.huge
+local NEG = -1 / 0
 
 -- meta: newest, lowest and highest generation, then per window w from WB[w] + 1 on its
 -- cache {end tile, valid, count, sum, fraud, max, max valid, distinct 1..3}, kept flat.
@@ -626,6 +631,23 @@ class RedisTiledStore(RedisStore):
         header = self._header()
         self._observe_source = header + _LIB + _OBSERVE
         self._label_source = header + _LIB + _LABEL
+        # The same scripts as a function library (Redis 7, Valkey): its constants, tables
+        # and helpers are built once when loaded, not on every call as a script's are.
+        # Named by its text, so stores of different configurations share a server.
+        name = (
+            "fraud_tiled_"
+            + hashlib.sha1((header + _LIB + _OBSERVE + _LABEL).encode()).hexdigest()[:16]
+        )
+        self._functions = {"observe": f"{name}_observe", "label": f"{name}_label"}
+        self._library = (
+            f"#!lua name={name}\n{header}{_LIB}"
+            f"local function observe(KEYS, ARGV)\n{_OBSERVE}\nend\n"
+            f"local function label(KEYS, ARGV)\n{_LABEL}\nend\n"
+            f"redis.register_function('{name}_observe', observe)\n"
+            f"redis.register_function('{name}_label', label)\n"
+        )
+        #: Whether the server runs the library (`_load_scripts`), else the scripts.
+        self._fcall = False
 
     def _header(self) -> str:
         """The configuration as the scripts' constants: fewer arguments to send and parse."""
@@ -767,7 +789,7 @@ class RedisTiledStore(RedisStore):
         calls = [self._calls(event, masks) for event in events]
 
         def queue(pipe: Any) -> None:
-            sha = self._observe.sha
+            call, function = self._caller(pipe, "observe")
             at = 0
             for position, (event, (scripts, ents)) in enumerate(zip(events, calls, strict=True)):
                 while at < len(labels) and labels[at].position <= position:
@@ -776,7 +798,7 @@ class RedisTiledStore(RedisStore):
                 index = self._index(event.transaction_id)
                 pipe.set(index, repr(float(event.timestamp)) + "\0" + ents, ex=self._ttl)
                 for keys, args in scripts:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
+                    call(function, len(keys), *keys, *args)
             for label in labels[at:]:
                 self._queue_label(pipe, label)
 
@@ -803,7 +825,8 @@ class RedisTiledStore(RedisStore):
         args = [label.transaction_id, "1" if label.is_fraud else "0"]
         for kind, ident in entities:
             start = self._entity(kind, ident)
-            pipe.evalsha(self._label.sha, 2, start + "t", self._generation(start, ts), *args)
+            call, function = self._caller(pipe, "label")
+            call(function, 2, start + "t", self._generation(start, ts), *args)
 
     def _label_outcome(self, replies: Iterator[Any], label: base.Label) -> LabelOutcome:
         """A placed label's outcome from its entities' replies (`_queue_label`)."""
@@ -812,6 +835,29 @@ class RedisTiledStore(RedisStore):
         outcome = base.combine_outcomes(said)
         base.log_label(log, label.transaction_id, label.is_fraud, outcome)
         return outcome
+
+    def _load_scripts(self, client: redis.Redis | redis.cluster.RedisCluster) -> None:
+        """The scripts, and on a single node the library of them: a cluster client would
+        ask a node for the keys of every FCALL (COMMAND GETKEYS), so clusters run the
+        scripts; so does a server without functions (before Redis 7)."""
+        super()._load_scripts(client)
+        if isinstance(client, redis.cluster.RedisCluster):
+            return
+        try:
+            client.function_load(self._library, replace=True)
+        except redis.exceptions.ResponseError as error:
+            log.info("redis functions unavailable (%s): the store runs scripts", error)
+            self._fcall = False
+        else:
+            self._fcall = True
+
+    def _caller(self, pipe: Any, which: str) -> tuple[Callable[..., Any], str]:
+        """How to queue the observe or label script on `pipe`: FCALL of the library's
+        function, else EVALSHA of the script."""
+        if self._fcall:
+            return pipe.fcall, self._functions[which]
+        script = self._observe if which == "observe" else self._label
+        return pipe.evalsha, script.sha
 
     def _calls(
         self, event: Event, masks: dict[str, str]
