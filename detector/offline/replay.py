@@ -216,10 +216,10 @@ class Replayer:
         self.progress = progress
         self.outcome = Outcome()
         self.stream = Stream((), until.timestamp() if until is not None else None, lateness)
-        # Labels not yet known: (known at, sequence, transaction_id, is_fraud, place or
-        # None), taken in that order. They come in order while lines do (a constant delay after event time), so
-        # they queue in a deque; a label that would come before the last queued (after a
-        # line out of order) goes to a heap instead, which costs more per label.
+        # Labels not yet known (`_Pending`), taken in order. They come in order while lines
+        # do (a constant delay after event time), so they queue in a deque; a label that
+        # would come before the last queued (after a line out of order) goes to a heap
+        # instead, which costs more per label.
         self.pending: deque[_Pending] = deque()
         self.early: list[_Pending] = []
         self.sequence = 0

@@ -32,6 +32,11 @@ each hash once; only a max whose tile left a window reads that window's tiles ag
 window that no reader reads (`declare_reads`: the merchant's and most of the card's, for the
 shipped detector) is not kept up to date: it is marked stale and filled afresh from its
 tiles if a reader comes; what is recorded does not change.
+
+On a single node of Redis 7 or Valkey the scripts are loaded as a function library and run
+with FCALL, so their constants and helpers are built once and not on every call; a cluster,
+or an older server, runs them as scripts (EVALSHA). Batches of many transactions stream to a
+single node in chunks (`RedisStore._pipeline`).
 """
 
 from __future__ import annotations
@@ -95,8 +100,8 @@ end
 _OBSERVE = r"""
 -- One entity. KEYS: its windows' hash, then its generations n-1, n, n+1 (n of the timestamp).
 -- ARGV: txid, timestamp, micros, amount, generation key base, what is read (a '1' or '0'
--- per window, then one for seconds_since_last), then the field of each attribute's value (``v``, the attribute's
--- letter, the value).
+-- per window, then one for seconds_since_last), then the field of each attribute's value
+-- (``v``, the attribute's letter, the value).
 local main = KEYS[1]
 local txid, ts, micro, amount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
   tonumber(ARGV[4])
@@ -104,8 +109,7 @@ local gbase = ARGV[5]
 -- A window nobody reads is not kept up to date: it is marked stale, and filled afresh from
 -- its tiles when a reader comes. What is recorded is the same either way.
 local read = {string.byte(ARGV[6], 1, NWIN)}
--- Nothing read of this entity (no '1', seconds_since_last's last char included): the
--- reply is the status alone.
+-- Nothing read of this entity (no '1' at all): the reply is the status alone.
 local quiet = not string.find(ARGV[6], '1', 1, true)
 -- The timestamp's generation and tiles, as the client computes them (floor of a quotient).
 local gen = math.floor(ts / GSPAN)
