@@ -53,6 +53,7 @@ FEEDBACK_PUSH_ENDPOINT=""
 PUSH_SUBSCRIPTION=detect-fraud-push
 FEEDBACK_PUSH_SUBSCRIPTION=record-feedback-push
 WITH_SCHEMA=0
+RECORD_ALL=0 # STATE_RECORD=all: state keeps every entity, not only those rules and model read
 SCHEMA_NAME=transaction-schema
 SCHEMA_FILE="$ROOT/schemas/transaction.avsc"
 SERVICE_ACCOUNT=fraud-detector # prefix of the per-function account ids
@@ -162,6 +163,8 @@ Functions and worker:
   --allow-unauthenticated   make $SCORE_FUNCTION public (default: IAM-authenticated callers only)
   --rules-file FILE         ruleset to upload (RULES_FILE); default: the bundled one
   --model-path FILE|none    model to upload (MODEL_PATH); default: the bundled one
+  --record-all              state keeps every entity and attribute (STATE_RECORD=all), not
+                            only those the rules and model read
   --staging-dir DIR         where the upload is assembled [build/function-source]
   --worker-image IMAGE      deploy this image (built from ./Dockerfile) instead of the source
   --worker-instances N      [$WORKER_INSTANCES] instances of the worker pool (--memory, --cpu apply)
@@ -449,7 +452,7 @@ parse_args() {
         usage
         exit 0
         ;;
-      --dry-run | --delete | --with-schema | --allow-unauthenticated | --force | --worker | --redis-cluster)
+      --dry-run | --delete | --with-schema | --allow-unauthenticated | --force | --worker | --redis-cluster | --record-all)
         ((inline)) && usage_error "$arg: takes no value, got '$value'"
         case $arg in
           --dry-run) DRY_RUN=1 ;;
@@ -459,6 +462,7 @@ parse_args() {
           --force) FORCE=1 ;;
           --worker) WORKER=1 ;;
           --redis-cluster) REDIS_CLUSTER=1 ;;
+          --record-all) RECORD_ALL=1 ;;
         esac
         ;;
       --*)
@@ -1093,6 +1097,7 @@ env_vars() {
   [[ -n $RULES_ENV ]] && vars+=",RULES_FILE=$RULES_ENV"
   [[ -n $MODEL_ENV ]] && vars+=",MODEL_PATH=$MODEL_ENV"
   ((REDIS_IAM_AUTH)) && vars+=",REDIS_IAM_AUTH=true"
+  ((RECORD_ALL)) && vars+=",STATE_RECORD=all"
   printf '%s' "$vars"
 }
 

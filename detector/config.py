@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.engine import Detector, RiskModel
+from detector.errors import ConfigError
 from detector.model import default_model_path, load_model, windows_of
 from detector.rules import Ruleset, default_ruleset_path, load_ruleset
 from detector.state import DEFAULT_WINDOWS, StateConfig, StateStore, feature_names, open_store
@@ -36,21 +37,34 @@ class DetectorConfig:
         model_path: risk model artifact (MODEL_PATH); None means the bundled default,
             "none" disables the model.
         redis_url: state store (REDIS_URL); None keeps state in process memory.
+        record_all: STATE_RECORD=all: state records every entity and attribute, not only
+            those rules and model read (`read`, the default; `detector.engine.recorded`),
+            so that a rule added later finds their history.
     """
 
     rules_file: Path | None = None
     model_path: str | None = None
     redis_url: str | None = None
+    record_all: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DetectorConfig:
-        """Read RULES_FILE, MODEL_PATH and REDIS_URL from environ (default os.environ)."""
+        """Read RULES_FILE, MODEL_PATH, REDIS_URL and STATE_RECORD from environ (default
+        os.environ).
+
+        Raises:
+            ConfigError: STATE_RECORD is neither `read` nor `all`.
+        """
         env = os.environ if environ is None else environ
         rules = env.get("RULES_FILE")
+        record = (env.get("STATE_RECORD") or "read").strip().lower()
+        if record not in ("read", "all"):
+            raise ConfigError(f"STATE_RECORD: must be 'read' or 'all', got {record!r}")
         return cls(
             rules_file=Path(rules) if rules else None,
             model_path=env.get("MODEL_PATH") or None,
             redis_url=env.get("REDIS_URL") or None,
+            record_all=record == "all",
         )
 
 
@@ -99,4 +113,4 @@ def build_detector(config: DetectorConfig, store: StateStore | None = None) -> D
     rules = load_rules(config, state)
     if store is None:
         store = open_store(state, config.redis_url)
-    return Detector(rules, store, model)
+    return Detector(rules, store, model, record_all=config.record_all)

@@ -15,11 +15,12 @@ import orjson
 
 from detector.rules import Ruleset
 from detector.state import Event, LabelOutcome, LabelPlace, StateStore
-from detector.state.base import Label, entities_of
+from detector.state.base import DISTINCT, DISTINCT_FEATURE, Label, entities_of
 from detector.transaction import Transaction, rfc3339
 from detector.vocabulary import ENTITY_VARIABLES
 
 __all__ = [
+    "OPTIONAL_FIELDS",
     "Contribution",
     "Detector",
     "Observed",
@@ -27,6 +28,7 @@ __all__ = [
     "RiskModel",
     "Verdict",
     "entity_reads",
+    "recorded",
 ]
 
 _SEVERITY_SCORE = {"block": 1.0, "review": 0.5, "allow": 0.0}
@@ -107,24 +109,52 @@ def entity_reads(names: set[str] | frozenset[str]) -> dict[str, frozenset[str] |
     return reads
 
 
+def recorded(reads: Mapping[str, frozenset[str] | None]) -> frozenset[str]:
+    """Of the fields of `Event` that name entities and attributes, those state needs for what
+    is read (`entity_reads`): each entity kind read, and each attribute a read kind counts
+    distinct values of (all of its attributes when its whole map is read).
+
+    What no rule or model reads is not recorded, as a feature store materialises only the
+    features declared: the shipped detector hands the store no merchant and no country.
+    """
+    keep = set(reads)
+    for kind, names in reads.items():
+        for attribute in DISTINCT[kind]:
+            prefix = DISTINCT_FEATURE[attribute] + "_"
+            if names is None or any(name.startswith(prefix) for name in names):
+                keep.add(attribute)
+    return frozenset(keep)
+
+
+#: `Event`'s fields that may be left out (None): entities and attributes.
+OPTIONAL_FIELDS = ("customer", "card", "terminal", "merchant", "country")
+#: The same by position.
+_OPTIONAL = {at: name for at, name in enumerate(Event._fields) if name in OPTIONAL_FIELDS}
+
 _new = tuple.__new__
 
 
-def _event(transaction: Transaction, transaction_id: str, moment: datetime) -> Event:
+def _event(
+    transaction: Transaction, transaction_id: str, moment: datetime, drop: tuple[int, ...] = ()
+) -> Event:
+    """The transaction as the store sees it, the fields at the positions `drop` left out."""
     # The fields in `Event` order, built as a tuple: cheaper than the keyword constructor.
-    return _new(
-        Event,
-        (
-            transaction_id,
-            moment.timestamp(),
-            transaction.amount,
-            transaction.customer_id,
-            transaction.card_id,
-            transaction.terminal_id,
-            transaction.merchant,
-            transaction.country,
-        ),
+    fields = (
+        transaction_id,
+        moment.timestamp(),
+        transaction.amount,
+        transaction.customer_id,
+        transaction.card_id,
+        transaction.terminal_id,
+        transaction.merchant,
+        transaction.country,
     )
+    if not drop:
+        return _new(Event, fields)
+    kept = list(fields)
+    for at in drop:
+        kept[at] = None
+    return _new(Event, kept)
 
 
 def _fields(transaction: Transaction, transaction_id: str, moment: datetime) -> dict[str, Any]:
@@ -169,17 +199,31 @@ class Detector:
     """Decides on transactions with rules, stream state and an optional risk model."""
 
     def __init__(
-        self, rules: Ruleset, store: StateStore | None = None, model: RiskModel | None = None
+        self,
+        rules: Ruleset,
+        store: StateStore | None = None,
+        model: RiskModel | None = None,
+        *,
+        record_all: bool = False,
     ) -> None:
+        """`record_all`: hand the store every entity and attribute of each transaction, not
+        only those rules and model read (`recorded`), so that a rule added later finds their
+        history."""
         self.rules = rules
         self.store = store
         self.model = model
         needed = set(rules.variables) | (set(model.variables) if model else set())
         # Only what some rule or the model reads is computed per transaction.
         self._needed = frozenset(name.split(".", 1)[1] for name in needed if "." in name)
+        reads = entity_reads(needed)
+        #: Positions in `Event` of the fields the store is not handed.
+        self._drop: tuple[int, ...] = ()
+        if not record_all:
+            keep = recorded(reads)
+            self._drop = tuple(at for at, name in _OPTIONAL.items() if name not in keep)
         if store is not None:
             # And per entity kind: a card need not compute the customer's 30-day means.
-            store.declare_reads(entity_reads(needed))
+            store.declare_reads(reads)
 
     def activation(
         self, transaction: Transaction, transaction_id: str, moment: datetime
@@ -194,7 +238,7 @@ class Detector:
         activation = _fields(transaction, transaction_id, moment)
         if self.store is not None:
             features = self.store.observe(
-                _event(transaction, transaction_id, moment), needed=self._needed
+                _event(transaction, transaction_id, moment, self._drop), needed=self._needed
             )
             for entity, variable in ENTITY_VARIABLES.items():
                 activation[variable] = features.get(entity, {})
@@ -209,7 +253,9 @@ class Detector:
             TransientError: the state store failed (worth retrying).
         """
         if self.store is not None:
-            self.store.observe(_event(transaction, transaction_id, moment), needed=frozenset())
+            self.store.observe(
+                _event(transaction, transaction_id, moment, self._drop), needed=frozenset()
+            )
 
     def decide(
         self,
@@ -280,7 +326,7 @@ class Detector:
         ]
         if self.store is not None:
             events = [
-                _event(r.transaction, tid, moment)
+                _event(r.transaction, tid, moment, self._drop)
                 for r, tid, moment in zip(requests, ids, moments, strict=True)
             ]
             features, outcomes = self.store.observe_labelled(events, labels, self._needed)
@@ -332,12 +378,11 @@ class Detector:
             ]
         return Verdict(transaction_id, decision, score, self.rules.version, body)
 
-    @staticmethod
-    def place(request: Request) -> LabelPlace:
+    def place(self, request: Request) -> LabelPlace:
         """Where a request's transaction is recorded, for a label of it (`LabelPlace`)."""
         transaction = request.transaction
         moment = transaction.timestamp or request.default_time
-        event = _event(transaction, "", moment)
+        event = _event(transaction, "", moment, self._drop)
         return LabelPlace(event.timestamp, tuple(entities_of(event)))
 
     def record_label(
@@ -352,4 +397,9 @@ class Detector:
         """
         if self.store is None:
             return None
+        if place is not None and self._drop:
+            # Only the entities recorded: the others would each answer "unknown".
+            dropped = {_OPTIONAL[at] for at in self._drop}
+            entities = tuple((kind, ident) for kind, ident in place.entities if kind not in dropped)
+            place = place._replace(entities=entities)
         return self.store.record_label(transaction_id, is_fraud, place)

@@ -233,7 +233,7 @@ OPTIONS_ARGS = (
     "--max-delivery-attempts", "12", "--min-retry-delay", "20s", "--max-retry-delay", "300s",
     "--allow-unauthenticated",
     "--redis-secret", "team-redis:4", "--vpc-connector", "fraud-connector",
-    "--model-path", "none", "--with-schema", "--schema-name", "tx-schema",
+    "--model-path", "none", "--with-schema", "--schema-name", "tx-schema", "--record-all",
 )  # fmt: skip
 
 
@@ -245,7 +245,8 @@ def test_dry_run_prints_the_deployment_commands(tmp_path: Path) -> None:
 
 
 def test_dry_run_with_options(tmp_path: Path) -> None:
-    """Names, sizes, delivery, secret, access and schema options end up in the right commands."""
+    """Names, sizes, delivery, secret, access, schema and state options end up in the right
+    commands."""
     staging = tmp_path / "upload"
     rules = tmp_path / "strict.yaml"
     rules.write_text("rules: []\n")
@@ -257,7 +258,10 @@ def test_dry_run_with_options(tmp_path: Path) -> None:
         "--set-env-vars=GOOGLE_CLOUD_PROJECT=fraud-proj,RESULTS_TOPIC=tx-out,"
         "DEAD_LETTER_TOPIC=tx-dead,MAX_DELIVERY_ATTEMPTS=12"
     )
-    extra = "RULES_FILE=config/strict.yaml,MODEL_PATH=none --set-secrets=REDIS_URL=team-redis:4"
+    extra = (
+        "RULES_FILE=config/strict.yaml,MODEL_PATH=none,STATE_RECORD=all "
+        "--set-secrets=REDIS_URL=team-redis:4"
+    )
     sizes = (
         "--memory=1Gi --cpu=2 --concurrency=40 --max-instances=3 --min-instances=1 --timeout=120s"
     )

@@ -1,13 +1,29 @@
-"""The detection core: a batch decides exactly as the same transactions one by one."""
+"""The detection core: a batch decides exactly as the same transactions one by one, and
+state is handed only what rules and model read."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from detector.config import DetectorConfig, build_detector
-from detector.engine import Request
-from detector.state import MemoryStore
+import orjson
+import pytest
+
+from detector.config import DetectorConfig, build_detector, load_risk_model, state_config
+from detector.engine import Request, recorded
+from detector.errors import ConfigError
+from detector.state import (
+    Event,
+    LabelOutcome,
+    LabelPlace,
+    MemoryStore,
+    StateStore,
+    memory_store,
+)
+from detector.state.base import Label
 from detector.transaction import decode
+from detector.vocabulary import ENTITIES
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -44,3 +60,88 @@ def test_decide_many_gives_the_verdicts_of_decide_one_by_one() -> None:
     got = [v.body for b in (batch[:25], batch[25:26], batch[26:]) for v in many.decide_many(b)]
     assert got == expected
     assert any(body["decision"] != "allow" for body in got)  # the stream exercises the rules
+
+
+class Handed:
+    """A state store that keeps what the detector hands it, and passes it on."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.events: list[Event] = []
+        self.places: list[LabelPlace | None] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def observe_labelled(
+        self, events: Sequence[Event], labels: Sequence[Label], needed: frozenset[str] | None
+    ) -> Any:
+        self.events.extend(events)
+        self.places.extend(label.place for label in labels)
+        return self.store.observe_labelled(events, labels, needed)
+
+    def record_label(self, transaction_id: str, is_fraud: bool, place: LabelPlace | None) -> Any:
+        self.places.append(place)
+        return self.store.record_label(transaction_id, is_fraud, place)
+
+
+def merchant_requests(count: int) -> list[Request]:
+    """`requests` with merchants and countries, two minutes apart: cards exceed the velocity
+    rule's limit."""
+    out = []
+    for n, request in enumerate(requests(count)):
+        moment = (START + timedelta(minutes=2 * n)).isoformat()
+        fields = {"timestamp": moment, "merchant": f"M{n % 5}", "country": "FR"}
+        raw, transaction = decode(orjson.dumps({**request.raw, **fields}))
+        out.append(request._replace(raw=raw, transaction=transaction))
+    return out
+
+
+def test_what_no_rule_or_model_reads_is_not_recorded_and_decides_nothing() -> None:
+    """The shipped detector reads nothing of merchants and no distinct countries: the store is
+    handed neither (STATE_RECORD=read, the default), and the verdicts and label outcomes are
+    those of a detector that records everything (STATE_RECORD=all)."""
+    batch = merchant_requests(80)
+    verdicts, places = {}, {}
+    for record in ("read", "all"):
+        config = DetectorConfig.from_env({"STATE_RECORD": record})
+        store = Handed(memory_store(state_config(load_risk_model(config))))
+        detector = build_detector(config, cast(StateStore, store))
+        labels = [Label(n + 3, f"t{n}", n % 4 == 0, detector.place(r)) for n, r in enumerate(batch)]
+        got, outcomes = detector.decide_labelled(batch, labels)
+        assert detector.record_label("t1", True, detector.place(batch[1])) is LabelOutcome.CHANGED
+        verdicts[record] = ([v.body for v in got], outcomes)
+        places[record] = store.places
+        handed = {(e.merchant, e.country) for e in store.events}
+        if record == "read":
+            assert handed == {(None, None)}
+            assert all(e.customer and e.card and e.terminal for e in store.events)
+        else:
+            assert handed == {(f"M{n}", "FR") for n in range(5)}
+    assert verdicts["read"] == verdicts["all"]
+    reasons = {hit["rule"] for body in verdicts["read"][0] for hit in body["reasons"]}
+    assert any("card" in rule for rule in reasons), reasons  # the card's features decide
+    assert LabelOutcome.APPLIED in verdicts["read"][1]
+    kinds = {record: {k for p in ps if p for k, _ in p.entities} for record, ps in places.items()}
+    assert kinds == {"read": {"customer", "card", "terminal"}, "all": set(ENTITIES)}
+
+
+def test_recorded_keeps_each_kind_read_and_the_attributes_it_counts() -> None:
+    assert recorded({}) == frozenset()
+    assert recorded({"card": frozenset({"count_1h", "distinct_terminals_1h"})}) == {
+        "card",
+        "terminal",
+    }
+    assert recorded({"customer": frozenset({"distinct_countries_30d"})}) == {
+        "customer",
+        "country",
+    }
+    # A whole map read (a rule on `by_merchant` itself): all of its attributes.
+    assert recorded({"merchant": None}) == {"merchant", "terminal", "country"}
+
+
+def test_state_record_must_be_read_or_all() -> None:
+    assert not DetectorConfig.from_env({}).record_all
+    assert DetectorConfig.from_env({"STATE_RECORD": "ALL"}).record_all
+    with pytest.raises(ConfigError, match="STATE_RECORD: must be 'read' or 'all', got 'some'"):
+        DetectorConfig.from_env({"STATE_RECORD": "some"})

@@ -151,7 +151,9 @@ def _worker(out: str, _: Path) -> None:
 def _tiled_redis(out: str, _: Path) -> None:
     stream = re.search(r"^stream: 500 transactions .*: ([0-9.]+) µs server time", out, re.M)
     flat = re.search(r"^flat cost: .* after 2,000 ([0-9.]+) µs \(([0-9.]+)x\)$", out, re.M)
-    every = re.search(r"^same stream, every feature: .*\(default features: ([0-9.]+)x", out, re.M)
+    every = re.search(
+        r"^same stream, every feature of every entity: .*\(default features: ([0-9.]+)x", out, re.M
+    )
     exact = re.search(
         r"^same stream, exact RedisStore, .*\(tiled, every feature: ([0-9.]+)x", out, re.M
     )
