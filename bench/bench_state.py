@@ -99,6 +99,8 @@ class Result:
     #: Peak RSS less the RSS before the stream, and the transactions retained at the end.
     grown_mb: float = 0.0
     retained: int = 0
+    #: Bytes the store's own structures hold at the end, by part (`held_bytes`).
+    held: dict[str, int] | None = None
 
     def report(self) -> str:
         per_event = self.observe_seconds / self.events * 1e6
@@ -110,11 +112,20 @@ class Result:
                 f", +{self.grown_mb:.0f} MB over the stream, {per_tx:,.0f} bytes per "
                 f"retained transaction ({self.retained:,})"
             )
-        return (
+        line = (
             f"{self.store}: {self.events} events, observe {per_event:.1f} us/event "
             f"({self.events / self.observe_seconds:,.0f} events/s), "
             f"record_label {per_label:.1f} us/label ({self.labels} labels), {memory}"
         )
+        if self.held and self.retained:
+            parts = ", ".join(
+                f"{part} {size / self.retained:,.0f}" for part, size in self.held.items()
+            )
+            total = sum(self.held.values()) / self.retained
+            line += (
+                f"\n{self.store}: held, bytes per retained transaction: {parts}; total {total:,.0f}"
+            )
+        return line
 
 
 #: The memory stores by name: how to build one, and whether its C part is built here.
@@ -132,10 +143,32 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def held_bytes(store: StateStore) -> dict[str, int] | None:
+    """Where a tiled store's memory is at the end, without the allocator's slack: its C
+    entities per kind (`__sizeof__`, arrays included), the label index (its dict, entry
+    tuples and timestamps) and the transaction ids both hold. None for the other stores
+    (a Python entity's lists would need a deep walk)."""
+    if not isinstance(store, TiledMemoryStore) or not store.native:
+        return None
+    held = {
+        kind: sum(sys.getsizeof(entity) for entity in entities.values()) + sys.getsizeof(entities)
+        for kind, entities in store._entities.items()
+        if entities
+    }
+    index = store._index
+    held["label index"] = sys.getsizeof(index) + sum(
+        sys.getsizeof(entry) + sys.getsizeof(entry[0]) for entry in index.values()
+    )
+    held["transaction ids"] = sum(sys.getsizeof(txid) for txid in index)
+    return held
+
+
 def _run_memory(name: str, config: StateConfig, scale: Scale, seed: int, needed: Any) -> Result:
     """`run` on a fresh memory store, with how much the process grew (in a forked child)."""
     before = _rss_mb()
-    result = run(MEMORY_STORES[name][0](config), name, scale, seed, needed)
+    store = MEMORY_STORES[name][0](config)
+    result = run(store, name, scale, seed, needed)
+    result.held = held_bytes(store)
     result.grown_mb = result.peak_rss_mb - before
     retained_days = min(scale.days, math.ceil(config.keep / DAY))
     result.retained = round(scale.per_day * min(retained_days, config.keep / DAY))

@@ -126,6 +126,14 @@ def _state(out: str, _: Path) -> None:
     if NATIVE_HISTORIES and NATIVE_TILES:
         assert ran == {"tiled-c", "tiled-python", "exact-c", "exact-python"}
         assert "observe: tiled-c" in out and "as fast as exact-c" in out
+        held = re.search(
+            r"^tiled-c: held, bytes per retained transaction: customer ([0-9,]+), .*"
+            r"label index ([0-9,]+), transaction ids ([0-9,]+); total ([0-9,]+)$",
+            out,
+            re.M,
+        )
+        assert held, out
+        assert all(int(size.replace(",", "")) > 0 for size in held.groups())
 
 
 def _embedded_store(out: str, _: Path) -> None:
