@@ -57,9 +57,10 @@ class DetectorConfig:
         """
         env = os.environ if environ is None else environ
         rules = env.get("RULES_FILE")
-        record = (env.get("STATE_RECORD") or "read").strip().lower()
+        given = env.get("STATE_RECORD") or "read"
+        record = given.strip().lower()
         if record not in ("read", "all"):
-            raise ConfigError(f"STATE_RECORD: must be 'read' or 'all', got {record!r}")
+            raise ConfigError(f"STATE_RECORD: must be 'read' or 'all', got {given!r}")
         return cls(
             rules_file=Path(rules) if rules else None,
             model_path=env.get("MODEL_PATH") or None,

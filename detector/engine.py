@@ -6,6 +6,7 @@ a transaction gets the same verdict whichever way it arrives.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -15,9 +16,11 @@ import orjson
 
 from detector.rules import Ruleset
 from detector.state import Event, LabelOutcome, LabelPlace, StateStore
-from detector.state.base import DISTINCT, DISTINCT_FEATURE, Label, entities_of
+from detector.state.base import DISTINCT, DISTINCT_FEATURE, Features, Label, entities_of
 from detector.transaction import Transaction, rfc3339
 from detector.vocabulary import ENTITY_VARIABLES
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "OPTIONAL_FIELDS",
@@ -115,7 +118,9 @@ def recorded(reads: Mapping[str, frozenset[str] | None]) -> frozenset[str]:
     distinct values of (all of its attributes when its whole map is read).
 
     What no rule or model reads is not recorded, as a feature store materialises only the
-    features declared: the shipped detector hands the store no merchant and no country.
+    features declared: the shipped detector hands the store no merchant and no country. A
+    kind kept as an attribute (the terminals or merchants a card has seen) is recorded as an
+    entity too, since an `Event` names it once for both.
     """
     keep = set(reads)
     for kind, names in reads.items():
@@ -218,9 +223,25 @@ class Detector:
         reads = entity_reads(needed)
         #: Positions in `Event` of the fields the store is not handed.
         self._drop: tuple[int, ...] = ()
+        #: Positions of the entity kinds the store is handed, when the customer (which every
+        #: transaction names) is not one of them: an event may then name no entity, and is
+        #: not handed to the store at all. None when every event names its customer.
+        self._kinds: tuple[int, ...] | None = None
         if not record_all:
             keep = recorded(reads)
             self._drop = tuple(at for at, name in _OPTIONAL.items() if name not in keep)
+            if "customer" not in keep:
+                self._kinds = tuple(
+                    at
+                    for at, name in _OPTIONAL.items()
+                    if name in keep and name in ENTITY_VARIABLES
+                )
+            if store is not None:
+                log.info(
+                    "state records %s; not %s (STATE_RECORD=all records every one)",
+                    ", ".join(sorted(keep)) or "nothing",
+                    ", ".join(name for name in OPTIONAL_FIELDS if name not in keep) or "-",
+                )
         if store is not None:
             # And per entity kind: a card need not compute the customer's 30-day means.
             store.declare_reads(reads)
@@ -237,12 +258,16 @@ class Detector:
         """
         activation = _fields(transaction, transaction_id, moment)
         if self.store is not None:
-            features = self.store.observe(
-                _event(transaction, transaction_id, moment, self._drop), needed=self._needed
-            )
+            event = _event(transaction, transaction_id, moment, self._drop)
+            features = self.store.observe(event, needed=self._needed) if self._names(event) else {}
             for entity, variable in ENTITY_VARIABLES.items():
                 activation[variable] = features.get(entity, {})
         return activation
+
+    def _names(self, event: Event) -> bool:
+        """Whether the event names an entity the store records (else it is not handed over:
+        there is nothing to count it in, and a store would still index it for labels)."""
+        return self._kinds is None or any(event[at] is not None for at in self._kinds)
 
     def record(self, transaction: Transaction, transaction_id: str, moment: datetime) -> None:
         """Record the transaction in the state store as `activation` does, computing nothing.
@@ -253,9 +278,9 @@ class Detector:
             TransientError: the state store failed (worth retrying).
         """
         if self.store is not None:
-            self.store.observe(
-                _event(transaction, transaction_id, moment, self._drop), needed=frozenset()
-            )
+            event = _event(transaction, transaction_id, moment, self._drop)
+            if self._names(event):
+                self.store.observe(event, needed=frozenset())
 
     def decide(
         self,
@@ -329,11 +354,29 @@ class Detector:
                 _event(r.transaction, tid, moment, self._drop)
                 for r, tid, moment in zip(requests, ids, moments, strict=True)
             ]
-            features, outcomes = self.store.observe_labelled(events, labels, self._needed)
+            if self._kinds is None:
+                features, outcomes = self.store.observe_labelled(events, labels, self._needed)
+            else:
+                features, outcomes = self._observe_naming(self.store, events, labels)
             for activation, entities in zip(activations, features, strict=True):
                 for entity, variable in ENTITY_VARIABLES.items():
                     activation[variable] = entities.get(entity, {})
         return Observed(requests, ids, activations, outcomes)
+
+    def _observe_naming(
+        self, store: StateStore, events: list[Event], labels: Sequence[Label]
+    ) -> tuple[list[Features], list[LabelOutcome]]:
+        """`StateStore.observe_labelled` of the events that name an entity recorded, the
+        labels kept in their places among them; no features for the others."""
+        named = [self._names(event) for event in events]
+        before = [0]  # events named before each position
+        for names in named:
+            before.append(before[-1] + names)
+        kept = [event for event, names in zip(events, named, strict=True) if names]
+        moved = [label._replace(position=before[label.position]) for label in labels]
+        found, outcomes = store.observe_labelled(kept, moved, self._needed)
+        features = iter(found)
+        return [next(features) if names else {} for names in named], outcomes
 
     def verdicts(self, observed: Observed) -> list[Verdict]:
         """The decision half of `decide_labelled`: score and rules on each activation."""

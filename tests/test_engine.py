@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
 
 from detector.config import DetectorConfig, build_detector, load_risk_model, state_config
-from detector.engine import Request, recorded
+from detector.engine import Detector, Request, recorded
 from detector.errors import ConfigError
 from detector.state import (
     Event,
@@ -143,5 +144,86 @@ def test_recorded_keeps_each_kind_read_and_the_attributes_it_counts() -> None:
 def test_state_record_must_be_read_or_all() -> None:
     assert not DetectorConfig.from_env({}).record_all
     assert DetectorConfig.from_env({"STATE_RECORD": "ALL"}).record_all
-    with pytest.raises(ConfigError, match="STATE_RECORD: must be 'read' or 'all', got 'some'"):
-        DetectorConfig.from_env({"STATE_RECORD": "some"})
+    with pytest.raises(ConfigError, match="STATE_RECORD: must be 'read' or 'all', got ' Some'"):
+        DetectorConfig.from_env({"STATE_RECORD": " Some"})
+
+
+def custom_detector(tmp_path: Path, rules: str, record: str) -> tuple[Detector, Handed]:
+    """A detector with these rules and no model over a fresh memory store, and its store."""
+    path = tmp_path / f"rules-{record}.yaml"
+    path.write_text(f'version: "test"\nrules:\n{rules}')
+    config = DetectorConfig.from_env(
+        {"STATE_RECORD": record, "RULES_FILE": str(path), "MODEL_PATH": "none"}
+    )
+    store = Handed(memory_store(state_config(None)))
+    return build_detector(config, cast(StateStore, store)), store
+
+
+def test_an_attribute_counted_is_recorded_though_its_kind_is_not_read(tmp_path: Path) -> None:
+    """Rules on a customer's distinct countries and a card's distinct merchants: the store is
+    handed both attributes (and no terminal, which nothing reads), and decides as when it
+    records everything."""
+    rules = """
+  - id: countries
+    description: "{by_customer.distinct_countries_1d} countries in a day"
+    condition: has(by_customer.distinct_countries_1d) && by_customer.distinct_countries_1d > 1
+    action: review
+  - id: merchants
+    description: "{by_card.distinct_merchants_1d} merchants in a day"
+    condition: has(by_card.distinct_merchants_1d) && by_card.distinct_merchants_1d > 3
+    action: review
+"""
+    batch = []
+    for n, request in enumerate(merchant_requests(40)):
+        fields = {**request.raw, "country": ("FR", "DE", "FR")[n % 3] if n % 2 else "FR"}
+        raw, transaction = decode(orjson.dumps(fields))
+        batch.append(request._replace(raw=raw, transaction=transaction))
+    verdicts = {}
+    for record in ("read", "all"):
+        detector, store = custom_detector(tmp_path, rules, record)
+        verdicts[record] = [v.body for v in detector.decide_many(batch)]
+        if record == "read":
+            assert {e.terminal for e in store.events} == {None}
+            assert all(e.customer and e.card and e.merchant and e.country for e in store.events)
+    assert verdicts["read"] == verdicts["all"]
+    fired = {hit["rule"] for body in verdicts["read"] for hit in body["reasons"]}
+    assert fired == {"countries", "merchants"}
+
+
+def test_a_transaction_naming_no_entity_recorded_is_not_handed_to_state(tmp_path: Path) -> None:
+    """Rules that read only the card: a transaction without a card has nothing to be counted
+    in, so the store never sees it (a store would still index it for labels, for a month);
+    labels keep their places among the rest, and the verdicts are those of recording all."""
+    rules = """
+  - id: card-velocity
+    description: "{by_card.count_1h} earlier on this card"
+    condition: has(by_card.count_1h) && by_card.count_1h >= 2
+    action: review
+"""
+    batch = []
+    for n, request in enumerate(requests(60)):
+        fields = {**request.raw, "merchant": "M1"}
+        if n % 3 == 0:
+            del fields["card_id"]
+        raw, transaction = decode(orjson.dumps(fields))
+        batch.append(request._replace(raw=raw, transaction=transaction))
+    verdicts = {}
+    for record in ("read", "all"):
+        detector, store = custom_detector(tmp_path, rules, record)
+        labels = [Label(n + 1, f"t{n}", True, detector.place(batch[n])) for n in range(0, 60, 2)]
+        got, outcomes = detector.decide_labelled(batch, labels)
+        verdicts[record] = [v.body for v in got]
+        if record == "read":
+            assert [e.transaction_id for e in store.events] == [f"t{n}" for n in range(60) if n % 3]
+            assert len(store.store) == 40  # the label index holds no card-less transaction
+            assert outcomes.count(LabelOutcome.UNKNOWN) == 10  # those of the card-less ones
+            # A place naming kinds nothing reads reaches the store without them.
+            place = LabelPlace(batch[1].transaction.timestamp.timestamp(), tuple(ENTITIES_OF_1))
+            assert detector.record_label("t1", False, place) is LabelOutcome.APPLIED
+            assert store.places[-1] == LabelPlace(place.timestamp, (("card", "k1"),))
+    assert verdicts["read"] == verdicts["all"]
+    assert any(body["reasons"] for body in verdicts["read"])
+
+
+#: Every entity kind of `requests(...)[1]` with a merchant.
+ENTITIES_OF_1 = (("customer", "c1"), ("card", "k1"), ("terminal", "T1"), ("merchant", "M1"))
