@@ -1361,6 +1361,12 @@ step(Entity *e, Plan *p, const Tx *tx, int *status_out)
     IdRow *found = table_find(&e->ids, sizeof(IdRow), txid, txid_hash);
     IdRow *row = found && is_held(e, found) ? found : NULL;
     int status = row ? DUP : late ? LATE : NEW;
+    if (row && row->ts != ts) {
+        /* A redelivery is decided at the timestamp it was recorded with, whatever its own. */
+        ts = row->ts;
+        for (int i = 0; i < l->n_levels; i++)
+            kk[i] = floor_ll(ts / l->width[i]);
+    }
     double next_newest = newest;
     if (status == NEW && (!has_newest || ts > newest))
         next_newest = ts;

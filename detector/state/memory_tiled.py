@@ -405,6 +405,10 @@ class TiledMemoryStore:
         if held is not None and (newest is None or not held[0] > newest - self._keep):
             held = None
         status = "dup" if held is not None else "late" if late else "new"
+        if held is not None and held[0] != ts:
+            # A redelivery is decided at the timestamp it was recorded with, whatever its own.
+            ts = held[0]
+            kk = [math.floor(ts / width) for width, _ in levels]
         next_newest = newest
         if status == "new" and (newest is None or ts > newest):
             next_newest = ts

@@ -21,8 +21,9 @@ per entity and expiring ``retention`` seconds of wall-clock time after their las
   merchants and countries whose newest tile it is.
 - ``P{E}:g<n>``: hash of generation n, the transactions and attribute values of event
   times in [n*G, (n+1)*G) with G = retention + the widest tile: ``i<transaction_id>`` =
-  (timestamp, micros, label) for redelivery and labels, ``v<t|m|c><value>`` = the value's
-  newest tile per level. A generation is unlinked as soon as the entity's newest is past
+  (timestamp, micros, label) for redelivery and labels (found in the other generations
+  still linked when a redelivery or a label carries another timestamp than the one
+  recorded), ``v<t|m|c><value>`` = the value's newest tile per level. A generation is unlinked as soon as the entity's newest is past
   its end by G, so ids and values cost memory for about two retentions, however busy.
 - ``P{t:<transaction_id>}``: the label index, as in `RedisStore`.
 
@@ -208,12 +209,33 @@ if not late then
   for a = 1, nattr do gfields[1 + a] = vfield[a] end
 end
 local grow = redis.call('HMGET', KEYS[3], unpack(gfields))
+local idrow = grow[1]
+-- A redelivery may carry another timestamp than the one it was recorded with: its id is then
+-- in another generation still linked, one that may hold a row still held.
+if not idrow and newest ~= nil then
+  for g = ghi, glo, -1 do
+    if g ~= gen and (g + 1) * GSPAN > newest - KEEP then
+      idrow = redis.call('HGET', gbase .. string.format('%d', g), 'i' .. txid)
+      if idrow then break end
+    end
+  end
+end
 local held = nil
-if grow[1] and newest ~= nil then
-  local rts, rmicro, rlabel = struct.unpack('<ddd', grow[1])
+if idrow and newest ~= nil then
+  local rts, rmicro, rlabel = struct.unpack('<ddd', idrow)
   if rts > newest - KEEP then held = {rts, rmicro, rlabel} end
 end
 if held then status = 'dup' elseif late then status = 'late' end
+if held and held[1] ~= ts then
+  -- A redelivery is decided at the timestamp it was recorded with, whatever its own.
+  ts = held[1]
+  gen = math.floor(ts / GSPAN)
+  for L = 1, NLEV do
+    kk[L] = math.floor(ts / WIDTH[L])
+    want(L, {kk[L]})
+  end
+  fetch()
+end
 
 -- Each attribute value's newest tile per level, from the generations that may hold it.
 local vrec = {}
@@ -536,12 +558,29 @@ return STATUS[status] .. struct.pack(REPLY, unpack(out, 1, o + 1))
 
 _LABEL = r"""
 -- One entity. KEYS: its windows' hash, the generation of the transaction's timestamp.
--- ARGV: txid, label (1 or 0). Records the label once for this entity, in the tiles of the
--- timestamp it recorded.
-local txid, label = ARGV[1], tonumber(ARGV[2])
+-- ARGV: txid, label (1 or 0), generation key base. Records the label once for this entity,
+-- in the tiles of the timestamp it recorded.
+local txid, label, gbase = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local field = 'i' .. txid
-local held = redis.call('HGET', KEYS[2], field)
-if not held then return 'unknown' end
+local where = KEYS[2]
+local held = redis.call('HGET', where, field)
+if not held then
+  -- The label's timestamp may not be the one recorded (a redelivery's, in the label index):
+  -- the id is then in another generation still linked.
+  local newest, glo, ghi = read_meta(redis.call('HGET', KEYS[1], 'm'))
+  if newest == nil then return 'unknown' end
+  for g = ghi, glo, -1 do
+    local key = gbase .. string.format('%d', g)
+    if key ~= KEYS[2] and (g + 1) * GSPAN > newest - KEEP then
+      held = redis.call('HGET', key, field)
+      if held then
+        where = key
+        break
+      end
+    end
+  end
+  if not held then return 'unknown' end
+end
 local ts, micro, old = struct.unpack('<ddd', held)
 -- Most labels say "not fraud" of a transaction never labelled: they change no count, and
 -- read only the newest timestamp of the meta.
@@ -580,8 +619,8 @@ else
   redis.call('HSET', KEYS[1], unpack(wr))
   redis.call('EXPIRE', KEYS[1], TTL)
 end
-redis.call('HSET', KEYS[2], field, struct.pack('<ddd', ts, micro, label))
-redis.call('EXPIRE', KEYS[2], TTL)
+redis.call('HSET', where, field, struct.pack('<ddd', ts, micro, label))
+redis.call('EXPIRE', where, TTL)
 if old == -1 then return 'applied' end
 return 'changed'
 """
@@ -830,7 +869,7 @@ class RedisTiledStore(RedisStore):
         for kind, ident in entities:
             start = self._entity(kind, ident)
             call, function = self._caller(pipe, "label")
-            call(function, 2, start + "t", self._generation(start, ts), *args)
+            call(function, 2, start + "t", self._generation(start, ts), *args, start + "g")
 
     def _label_outcome(self, replies: Iterator[Any], label: base.Label) -> LabelOutcome:
         """A placed label's outcome from its entities' replies (`_queue_label`)."""

@@ -21,8 +21,10 @@ Definition. Features are those of `detector.state.base` (`feature_names`), built
   old edge: 1-hour windows to the minute, day-and-longer windows to the hour). It holds the
   transactions the entity recorded in those tiles by the time of the call, whatever their
   order within the tile of t.
-- Redelivery. When the entity already holds x, x's own amount is taken out of count, sum
-  and fraud count; max and distinct counts may still include it.
+- Redelivery. When the entity already holds x's id, x is decided at the timestamp the
+  entity recorded it with, whatever the redelivery carries (a client that stamps each retry
+  anew), and x's own amount is taken out of count, sum and fraud count; max and distinct
+  counts may still include it.
 - count, sum (integer micros), max, fraud count: of the window's transactions. A label
   counts in the tile of its transaction's time.
 - Distinct counts: a value of an attribute (terminal, merchant, country) counts when its

@@ -19,8 +19,10 @@ _attributes = st.tuples(
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> list[tuple[str, object]]:
-    """Transactions drifting forward in time with jitter and ties, redeliveries, labels."""
+def streams(draw: st.DrawFn, retimed: bool = False) -> list[tuple[str, object]]:
+    """Transactions drifting forward in time with jitter and ties, redeliveries, labels;
+    `retimed`: some redeliveries carry another timestamp than the first delivery's, up to a
+    minute either way (further than the lateness and than `PROPERTY_CONFIG`'s retention)."""
     steps: list[tuple[str, object]] = []
     sent: list[Event] = []
     clock = 0.0
@@ -32,6 +34,11 @@ def streams(draw: st.DrawFn) -> list[tuple[str, object]]:
             continue
         if choice == 1 and sent:
             steps.append(("event", draw(st.sampled_from(sent))))  # redelivery
+            continue
+        if choice == 2 and sent and retimed:
+            again = draw(st.sampled_from(sent))
+            shift = draw(st.sampled_from([-60.0, -13.0, -2.5, 1.0, 9.0, 41.0, 60.0]))
+            steps.append(("event", again._replace(timestamp=again.timestamp + shift)))
             continue
         clock += draw(st.sampled_from([0.0, 0.5, 1.0, 3.0, 7.0]))
         jitter = draw(st.integers(-12, 0) | st.floats(-12, 0).map(lambda x: round(x, 2)))
