@@ -23,8 +23,9 @@ per entity and expiring ``retention`` seconds of wall-clock time after their las
   times in [n*G, (n+1)*G) with G = retention + the widest tile: ``i<transaction_id>`` =
   (timestamp, micros, label) for redelivery and labels (found in the other generations
   still linked when a redelivery or a label carries another timestamp than the one
-  recorded), ``v<t|m|c><value>`` = the value's newest tile per level. A generation is unlinked as soon as the entity's newest is past
-  its end by G, so ids and values cost memory for about two retentions, however busy.
+  recorded), ``v<t|m|c><value>`` = the value's newest tile per level. A generation is
+  unlinked as soon as the entity's newest is past its end by G, so ids and values cost
+  memory for about two retentions, however busy.
 - ``P{t:<transaction_id>}``: the label index, as in `RedisStore`.
 
 A script reads the entity's hash once (meta, ring, tile lists, the tiles of its timestamp),
