@@ -327,7 +327,7 @@ class TiledMemoryStore:
         features = {}
         recorded = False
         pairs = base.entities_of(event)
-        kk = [math.floor(ts / width) for width, _ in self._levels]
+        kk = self._tiles_of(ts)
         for kind, ident in pairs:
             entities = self._entities[kind]
             entity = entities.get(ident)
@@ -387,6 +387,10 @@ class TiledMemoryStore:
         if recorded:
             self._tick(ts)
 
+    def _tiles_of(self, ts: float) -> list[int]:
+        """The index of the tile holding a timestamp, per level."""
+        return [math.floor(ts / width) for width, _ in self._levels]
+
     def _step(
         self,
         e: _Entity,
@@ -408,7 +412,7 @@ class TiledMemoryStore:
         if held is not None and held[0] != ts:
             # A redelivery is decided at the timestamp it was recorded with, whatever its own.
             ts = held[0]
-            kk = [math.floor(ts / width) for width, _ in levels]
+            kk = self._tiles_of(ts)
         next_newest = newest
         if status == "new" and (newest is None or ts > newest):
             next_newest = ts

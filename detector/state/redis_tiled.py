@@ -97,6 +97,20 @@ local function forgotten(L, newest)
   if newest == nil then return NEG end
   return math.floor((newest - LKEEP[L]) / WIDTH[L])
 end
+
+-- A transaction's id row, and its generation's key, from the generations still linked other
+-- than `skip`: a redelivery or a label may carry another timestamp than the one recorded.
+-- Only generations that may hold a row within the retention of `newest` are read.
+local function find_id(gbase, field, newest, glo, ghi, skip)
+  for g = ghi, glo, -1 do
+    local key = gbase .. string.format('%d', g)
+    if key ~= skip and (g + 1) * GSPAN > newest - KEEP then
+      local row = redis.call('HGET', key, field)
+      if row then return row, key end
+    end
+  end
+  return nil, nil
+end
 """
 
 _OBSERVE = r"""
@@ -211,15 +225,8 @@ if not late then
 end
 local grow = redis.call('HMGET', KEYS[3], unpack(gfields))
 local idrow = grow[1]
--- A redelivery may carry another timestamp than the one it was recorded with: its id is then
--- in another generation still linked, one that may hold a row still held.
 if not idrow and newest ~= nil then
-  for g = ghi, glo, -1 do
-    if g ~= gen and (g + 1) * GSPAN > newest - KEEP then
-      idrow = redis.call('HGET', gbase .. string.format('%d', g), 'i' .. txid)
-      if idrow then break end
-    end
-  end
+  idrow = find_id(gbase, 'i' .. txid, newest, glo, ghi, KEYS[3])
 end
 local held = nil
 if idrow and newest ~= nil then
@@ -566,20 +573,9 @@ local field = 'i' .. txid
 local where = KEYS[2]
 local held = redis.call('HGET', where, field)
 if not held then
-  -- The label's timestamp may not be the one recorded (a redelivery's, in the label index):
-  -- the id is then in another generation still linked.
   local newest, glo, ghi = read_meta(redis.call('HGET', KEYS[1], 'm'))
   if newest == nil then return 'unknown' end
-  for g = ghi, glo, -1 do
-    local key = gbase .. string.format('%d', g)
-    if key ~= KEYS[2] and (g + 1) * GSPAN > newest - KEEP then
-      held = redis.call('HGET', key, field)
-      if held then
-        where = key
-        break
-      end
-    end
-  end
+  held, where = find_id(gbase, field, newest, glo, ghi, KEYS[2])
   if not held then return 'unknown' end
 end
 local ts, micro, old = struct.unpack('<ddd', held)
